@@ -1,0 +1,26 @@
+# Two commands do all the set-up: `make book` and `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: test book bench clean
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+test: $(STAMP)
+	TOOLKIT_SCALE=tiny $(BIN)/python -m pytest -q
+
+book: $(STAMP)
+	$(BIN)/jupyter-book build . -n -W --keep-going
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_curvature.py
+
+clean:
+	rm -rf _build

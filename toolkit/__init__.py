@@ -1,0 +1,6 @@
+"""toolkit: model merging by uncertainty-based gradient matching (Daheim et al., ICLR 2024)."""
+from .errors import MergeError
+from .merge import METHODS, merge_models, merge_state_dicts, merge_tensor, register
+
+__all__ = ["MergeError", "METHODS", "merge_models", "merge_state_dicts", "merge_tensor", "register"]
+__version__ = "0.1.0"

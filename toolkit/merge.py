@@ -1,0 +1,356 @@
+"""Merge methods over state dicts (name -> tensor), one function per method, in a registry.
+
+Every method is written for ONE tensor, so the same code merges a dict in memory
+(`merge_state_dicts`), torch modules (`merge_models`) and checkpoints streamed tensor by
+tensor (`toolkit.checkpoint`). Notation as in Daheim et al. (ICLR 2024):
+theta_0 the base, theta_t the fine-tuned models, tau_t = theta_t - theta_0 the task vectors,
+alpha_t their scaling factors, F_t per-example Fishers, N_t data-set sizes, H_t = N_t F_t,
+H_0 = delta + N_0 F_0 the prior precision.
+
+To add a method: write `def my_method(base, thetas, alphas, ...) -> Tensor` and decorate it
+with `@register("my_method")` (add `uses_fisher=True` if it reads Fishers).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .errors import MergeError
+
+StateDict = Mapping[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable[..., Tensor]
+    uses_fisher: bool
+    options: tuple[str, ...]  # keyword options the method accepts, beyond base/thetas/alphas
+
+    @property
+    def summary(self) -> str:
+        return (self.fn.__doc__ or "").strip().splitlines()[0]
+
+
+METHODS: dict[str, Method] = {}
+_FISHER_ARGS = ("fishers", "sizes", "base_fisher")  # handed over by the dispatcher, not options
+
+
+def register(name: str, *, uses_fisher: bool = False) -> Callable:
+    """Decorator: put a per-tensor merge function into the registry under `name`."""
+
+    def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        params = list(inspect.signature(fn).parameters)[3:]
+        options = tuple(p for p in params if p not in _FISHER_ARGS)
+        METHODS[name] = Method(name, fn, uses_fisher, options)
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise MergeError(f"unknown merge method {name!r}; known methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# The methods (per tensor; inputs already validated and in a float compute dtype)
+# ---------------------------------------------------------------------------------------------
+
+
+@register("average")
+def average(base: Tensor, thetas: list[Tensor], alphas: list[float]) -> Tensor:
+    """Weighted averaging: sum_t alpha_t theta_t / sum_t alpha_t (equal alphas: plain mean)."""
+    total = math.fsum(alphas)
+    if total == 0:
+        raise MergeError("average: the alphas sum to zero, so the weighted average is undefined")
+    return sum(a * th for a, th in zip(alphas, thetas)) / total
+
+
+@register("task_arithmetic")
+def task_arithmetic(base: Tensor, thetas: list[Tensor], alphas: list[float]) -> Tensor:
+    """Task arithmetic: theta_0 + sum_t alpha_t tau_t (alpha_t < 0 negates a task vector)."""
+    return base + sum(a * (th - base) for a, th in zip(alphas, thetas))
+
+
+@register("fisher_average", uses_fisher=True)
+def fisher_average(base: Tensor, thetas: list[Tensor], alphas: list[float], fishers: list[Tensor],
+                   sizes: list[float], fisher_floor: float = 0.0) -> Tensor:
+    """Fisher-weighted averaging: sum_t alpha_t H_t theta_t / sum_t alpha_t H_t, H_t = N_t max(F_t, floor)."""
+    if any(a < 0 for a in alphas):
+        raise MergeError("fisher_average needs non-negative alphas; use gradient_matching to remove data")
+    weights = [a * n * f.clamp_min(fisher_floor) for a, n, f in zip(alphas, sizes, fishers)]
+    den = sum(weights)
+    if (den == 0).any():
+        raise MergeError(f"fisher_average: {int((den == 0).sum())} elements have zero total Fisher, "
+                         "so the average is 0/0; pass fisher_floor > 0")
+    return sum(w * th for w, th in zip(weights, thetas)) / den
+
+
+@register("gradient_matching", uses_fisher=True)
+def gradient_matching(base: Tensor, thetas: list[Tensor], alphas: list[float], fishers: list[Tensor],
+                      sizes: list[float], base_fisher: Tensor | None = None, delta: float = 1e-12,
+                      base_size: float = 0.0, fisher_floor: float = 0.0) -> Tensor:
+    """Uncertainty-based gradient matching: theta_0 + Hbar^{-1} sum_t alpha_t (H_0 + H_t) tau_t.
+
+    Hbar = H_0 + sum_t alpha_t H_t, H_0 = delta + N_0 F_0, H_t = N_t F_t (all diagonal).
+    Guard for alpha_t < 0: where Hbar <= 1e-6 (H_0 + sum_t |alpha_t| H_t) the precision has
+    cancelled, the objective has no minimum there, and those elements fall back to task
+    arithmetic (the H_t -> 0 limit); a warning says how many.
+    """
+    h0 = torch.as_tensor(delta, dtype=base.dtype)
+    if base_fisher is not None and base_size:
+        h0 = h0 + base_size * base_fisher.clamp_min(fisher_floor)
+    hs = [n * f.clamp_min(fisher_floor) for n, f in zip(sizes, fishers)]
+    taus = [th - base for th in thetas]
+    scale = h0 + sum(abs(a) * h for a, h in zip(alphas, hs))
+    if (scale == 0).any():
+        raise MergeError(f"gradient_matching: {int((scale == 0).sum())} elements have zero precision "
+                         "(delta = 0 and every Fisher is zero there): the merge is 0/0; "
+                         "use delta > 0 or fisher_floor > 0")
+    hbar = h0 + sum(a * h for a, h in zip(alphas, hs))
+    step = sum(a * (h0 + h) * tau for a, h, tau in zip(alphas, hs, taus)) / hbar
+    bad = hbar <= 1e-6 * scale
+    if bad.any():
+        warnings.warn(f"gradient_matching: merged precision not positive in {int(bad.sum())} of "
+                      f"{bad.numel()} elements (negative alphas); used task arithmetic there",
+                      stacklevel=2)
+        step = torch.where(bad, sum(a * tau for a, tau in zip(alphas, taus)), step)
+    return base + step
+
+
+def _trim(tau: Tensor, density: float) -> Tensor:
+    """Keep the top `density` fraction of entries by magnitude (TIES step 1), zero the rest."""
+    k = int(math.ceil(density * tau.numel()))
+    if k >= tau.numel():
+        return tau
+    if k == 0:
+        return torch.zeros_like(tau)
+    thresh = tau.abs().flatten().kthvalue(tau.numel() - k + 1).values
+    return torch.where(tau.abs() >= thresh, tau, torch.zeros_like(tau))
+
+
+@register("ties")
+def ties(base: Tensor, thetas: list[Tensor], alphas: list[float], density: float = 0.2,
+         lam: float = 1.0) -> Tensor:
+    """TIES (Yadav et al. 2023): trim each tau_t to its top `density` entries, elect the sign of
+    sum_t alpha_t tau_t, average the entries that agree with it (weights alpha_t), scale by lam.
+    Trimming is per tensor (as in mergekit), not over the whole model."""
+    if not 0 < density <= 1:
+        raise MergeError(f"ties: density must be in (0, 1], got {density}")
+    trimmed = [a * _trim(th - base, density) for a, th in zip(alphas, thetas)]
+    sign = torch.sign(sum(trimmed))
+    agree = [(torch.sign(t) == sign) & (t != 0) for t in trimmed]
+    num = sum(t * m for t, m in zip(trimmed, agree))
+    den = sum(abs(a) * m for a, m in zip(alphas, agree))
+    return base + lam * torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num))
+
+
+def _tensor_seed(seed: int, name: str, tau: Tensor) -> int:
+    """Seed from (seed, tensor name, task-vector content): masks do not depend on task order."""
+    h = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8)
+    h.update(tau.detach().cpu().contiguous().numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") & (2**63 - 1)
+
+
+@register("dare")
+def dare(base: Tensor, thetas: list[Tensor], alphas: list[float], p: float = 0.5, seed: int = 0,
+         name: str = "") -> Tensor:
+    """DARE (Yu et al. 2024) + task arithmetic: drop each entry of tau_t with probability p,
+    rescale survivors by 1/(1-p) (unbiased), then theta_0 + sum_t alpha_t tau_t."""
+    if not 0 <= p < 1:
+        raise MergeError(f"dare: drop probability p must be in [0, 1), got {p}")
+    out = base.clone()
+    for a, th in zip(alphas, thetas):
+        tau = th - base
+        if p > 0:
+            g = torch.Generator().manual_seed(_tensor_seed(seed, name, tau))
+            keep = torch.rand(tau.shape, generator=g, dtype=torch.float64) >= p
+            tau = torch.where(keep.to(tau.device), tau / (1 - p), torch.zeros_like(tau))
+        out += a * tau
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch and validation
+# ---------------------------------------------------------------------------------------------
+
+
+def check_alphas(alphas: Sequence[float] | None, n_models: int) -> list[float]:
+    """Default alpha_t = 1; else one finite number per model."""
+    if n_models == 0:
+        raise MergeError("no models to merge: the model list is empty")
+    if alphas is None:
+        return [1.0] * n_models
+    alphas = [float(a) for a in alphas]
+    if len(alphas) != n_models:
+        raise MergeError(f"got {len(alphas)} alphas for {n_models} models; give one alpha per model")
+    if not all(math.isfinite(a) for a in alphas):
+        raise MergeError(f"alphas must be finite numbers, got {alphas}")
+    return alphas
+
+
+def check_options(method: Method, options: Mapping[str, object]) -> None:
+    unknown = set(options) - set(method.options)
+    if unknown:
+        raise MergeError(f"method {method.name!r} takes no option(s) {sorted(unknown)}; "
+                         f"it takes {list(method.options) or 'none'}")
+
+
+def check_fisher(f: Tensor, ref: Tensor, what: str) -> None:
+    """A Fisher must match its parameter's shape and be finite and non-negative."""
+    if not isinstance(f, Tensor):
+        raise MergeError(f"{what} is a {type(f).__name__}, not a tensor")
+    if f.shape != ref.shape:
+        raise MergeError(f"{what} has shape {tuple(f.shape)} but the parameter has shape {tuple(ref.shape)}")
+    if not f.is_floating_point():
+        raise MergeError(f"{what} has dtype {f.dtype}; Fishers must be floating point")
+    if not torch.isfinite(f).all():
+        raise MergeError(f"{what} has {int((~torch.isfinite(f)).sum())} non-finite values (NaN or inf)")
+    if (f < 0).any():
+        raise MergeError(f"{what} has {int((f < 0).sum())} negative values; a diagonal Fisher is >= 0")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp16/bf16/fp32 are merged in fp32, fp64 in fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def merge_tensor(method: str | Method, name: str, base: Tensor, thetas: Sequence[Tensor],
+                 alphas: Sequence[float] | None = None, fishers: Sequence[Tensor] | None = None,
+                 sizes: Sequence[float] | None = None, base_fisher: Tensor | None = None,
+                 **options) -> Tensor:
+    """Merge one tensor with a registry method. Validates shapes, dtypes and Fishers, computes in
+    fp32 (fp64 for fp64 inputs) and returns a new tensor in the input dtype. Non-float tensors
+    (integer ids, masks) are copied from the base."""
+    m = method if isinstance(method, Method) else get_method(method)
+    check_options(m, options)
+    alphas = check_alphas(alphas, len(thetas))
+    for i, th in enumerate(thetas):
+        if th.shape != base.shape:
+            raise MergeError(f"{name!r}: model {i} has shape {tuple(th.shape)}, the base {tuple(base.shape)}")
+        if th.dtype != base.dtype:
+            raise MergeError(f"{name!r}: model {i} has dtype {th.dtype}, the base {base.dtype}")
+    if not base.is_floating_point():
+        return base.clone()
+    cd = compute_dtype(base.dtype)
+    kw = dict(options)
+    if "name" in m.options:
+        kw.setdefault("name", name)
+    if m.uses_fisher:
+        if fishers is None:
+            raise MergeError(f"method {m.name!r} needs Fishers (one per model); none were given")
+        if len(fishers) != len(thetas):
+            raise MergeError(f"got {len(fishers)} Fishers for {len(thetas)} models")
+        for i, f in enumerate(fishers):
+            check_fisher(f, base, f"Fisher {i} for {name!r}")
+        if base_fisher is not None:
+            check_fisher(base_fisher, base, f"base Fisher for {name!r}")
+        kw["fishers"] = [f.to(cd) for f in fishers]
+        kw["sizes"] = _check_sizes(m, sizes, len(thetas))
+        if "base_fisher" in inspect.signature(m.fn).parameters:
+            kw["base_fisher"] = None if base_fisher is None else base_fisher.to(cd)
+    out = m.fn(base.to(cd), [th.to(cd) for th in thetas], alphas, **kw)
+    return out.to(base.dtype)
+
+
+def _check_sizes(m: Method, sizes: Sequence[float] | None, n: int) -> list[float]:
+    if sizes is None:
+        if m.name == "gradient_matching":
+            raise MergeError("gradient_matching needs the data-set sizes N_t (H_t = N_t F_t); pass "
+                             "sizes=[...] (use 1.0 each if your Fishers are already summed over data)")
+        return [1.0] * n
+    sizes = [float(s) for s in sizes]
+    if len(sizes) != n or not all(math.isfinite(s) and s > 0 for s in sizes):
+        raise MergeError(f"sizes must be {n} positive numbers (one N_t per model), got {sizes}")
+    return sizes
+
+
+def check_state_dicts(base: StateDict, models: Sequence[StateDict]) -> None:
+    """Same keys, shapes and dtypes in every model as in the base (checked before any arithmetic)."""
+    if len(models) == 0:
+        raise MergeError("no models to merge: the model list is empty")
+    for i, sd in enumerate(models):
+        missing, extra = set(base) - set(sd), set(sd) - set(base)
+        if missing or extra:
+            raise MergeError(f"model {i} does not match the base: missing keys {sorted(missing)[:5]}, "
+                             f"unexpected keys {sorted(extra)[:5]}")
+        for k, v in base.items():
+            if sd[k].shape != v.shape:
+                raise MergeError(f"{k!r}: model {i} has shape {tuple(sd[k].shape)}, the base {tuple(v.shape)}")
+            if sd[k].dtype != v.dtype:
+                raise MergeError(f"{k!r}: model {i} has dtype {sd[k].dtype}, the base {v.dtype}")
+
+
+def merge_state_dicts(method: str, base: StateDict, models: Sequence[StateDict],
+                      alphas: Sequence[float] | None = None,
+                      fishers: Sequence[StateDict] | None = None,
+                      sizes: Sequence[float] | None = None,
+                      base_fisher: StateDict | None = None,
+                      keep: Iterable[str] = (), **options) -> dict[str, Tensor]:
+    """Merge state dicts with a registry method; returns a new dict, inputs untouched.
+
+    fishers: one state dict of per-example diagonal Fishers F_t per model (Fisher methods);
+    sizes: data-set sizes N_t; base_fisher: F_0 (with option base_size=N_0);
+    keep: names copied from the base unmerged (buffers such as BatchNorm statistics).
+    """
+    m = get_method(method)
+    check_options(m, options)
+    alphas = check_alphas(alphas, len(models))
+    check_state_dicts(base, models)
+    keep = set(keep)
+    if m.uses_fisher:
+        if fishers is None:
+            raise MergeError(f"method {method!r} needs Fishers (one per model); none were given")
+        if len(fishers) != len(models):
+            raise MergeError(f"got {len(fishers)} Fishers for {len(models)} models; give one per model")
+        for i, f in enumerate(fishers):
+            missing = [k for k, v in base.items() if k not in keep and v.is_floating_point() and k not in f]
+            if missing:
+                raise MergeError(f"Fisher {i} has no entry for {len(missing)} tensors, e.g. {missing[:3]}")
+    out: dict[str, Tensor] = {}
+    for k, b in base.items():
+        if k in keep or not b.is_floating_point():
+            out[k] = b.clone()
+            continue
+        fk = [f[k] for f in fishers] if m.uses_fisher else None
+        bf = None
+        if m.uses_fisher and base_fisher is not None:
+            if k not in base_fisher:
+                raise MergeError(f"the base Fisher has no entry for {k!r}")
+            bf = base_fisher[k]
+        out[k] = merge_tensor(m, k, b, [sd[k] for sd in models], alphas, fk, sizes, bf, **options)
+    return out
+
+
+def merge_models(method: str, base: nn.Module, models: Sequence[nn.Module],
+                 alphas: Sequence[float] | None = None,
+                 fishers: Sequence[StateDict] | None = None, **options) -> nn.Module:
+    """Merge torch modules (timm, transformers, ...) into a NEW module; inputs are untouched.
+    Buffers and non-float tensors come from the base. Options as in `merge_state_dicts`."""
+    if len(models) == 0:
+        raise MergeError("no models to merge: the model list is empty")
+    for i, mdl in enumerate(models):
+        if type(mdl) is not type(base):
+            raise MergeError(f"model {i} is a {type(mdl).__name__}, the base a {type(base).__name__}: "
+                             "different architectures cannot be merged")
+    buffers = {n for n, _ in base.named_buffers()}
+    merged = merge_state_dicts(method, base.state_dict(), [mdl.state_dict() for mdl in models],
+                               alphas, fishers, keep=buffers, **options)
+    out = copy.deepcopy(base)
+    out.load_state_dict(merged)
+    return out
+
+
+def methods_table() -> list[tuple[str, bool, str]]:
+    """(name, uses Fishers, one-line summary) for every registered method."""
+    return [(m.name, m.uses_fisher, m.summary) for m in METHODS.values()]
