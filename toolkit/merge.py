@@ -149,7 +149,7 @@ def ties(base: Tensor, thetas: list[Tensor], alphas: list[float], density: float
         raise MergeError(f"ties: density must be in (0, 1], got {density}")
     trimmed = [a * _trim(th - base, density) for a, th in zip(alphas, thetas)]
     sign = torch.sign(sum(trimmed))
-    agree = [(torch.sign(t) == sign) & (t != 0) for t in trimmed]
+    agree = [((torch.sign(t) == sign) & (t != 0)).to(base.dtype) for t in trimmed]
     num = sum(t * m for t, m in zip(trimmed, agree))
     den = sum(abs(a) * m for a, m in zip(alphas, agree))
     return base + lam * torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num))
