@@ -363,3 +363,18 @@ def test_registry_adds_a_method_with_one_function():
                            models[0]["w"])
     finally:
         METHODS.pop("_first_model")
+
+
+def test_merge_models_transformers_bert():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    torch.manual_seed(0)
+    base, m1, m2 = (transformers.BertForSequenceClassification(cfg).eval() for _ in range(3))
+    out = merge_models("task_arithmetic", base, [m1, m2], [0.5, 0.5])
+    sd, s1, s2 = out.state_dict(), m1.state_dict(), m2.state_dict()
+    k = "classifier.weight"
+    assert torch.allclose(sd[k], base.state_dict()[k] + 0.5 * (s1[k] - base.state_dict()[k])
+                          + 0.5 * (s2[k] - base.state_dict()[k]))
+    ids = torch.randint(0, 50, (2, 7))
+    assert out(input_ids=ids).logits.shape == (2, 3)
