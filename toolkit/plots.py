@@ -1,0 +1,71 @@
+"""Shared matplotlib/seaborn helpers so every figure of the book looks alike."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+
+COLORS = dict(zip(["average", "task_arithmetic", "fisher_average", "gradient_matching", "target",
+                   "ties", "dare", "base"], sns.color_palette("colorblind", 8)))
+LABELS = {"average": "averaging", "task_arithmetic": "task arithmetic",
+          "fisher_average": "Fisher averaging", "gradient_matching": "gradient matching",
+          "target": "all-data target", "ties": "TIES", "dare": "DARE", "base": "base model"}
+
+
+def style() -> None:
+    """The book's figure style (call once per notebook)."""
+    sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")
+    plt.rcParams.update({"figure.dpi": 90, "savefig.dpi": 90, "figure.figsize": (6.0, 4.0)})
+
+
+def figure(ncols: int = 1, width: float = 5.0, height: float = 4.0, **kw):
+    """fig, axes with `ncols` panels of the given size each."""
+    return plt.subplots(1, ncols, figsize=(width * ncols, height), **kw)
+
+
+def grid(xlim: Sequence[float], ylim: Sequence[float], n: int = 120) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Meshgrid over a box; returns X, Y and the (n, n, 2) stacked points."""
+    xs, ys = np.meshgrid(np.linspace(*xlim, n), np.linspace(*ylim, n))
+    return xs, ys, np.stack([xs, ys], -1)
+
+
+def contours(ax, f: Callable[[np.ndarray], np.ndarray], xlim, ylim, *, color=None, levels: int = 8,
+             label: str | None = None, filled: bool = False, n: int = 120, **kw) -> None:
+    """Loss contours of f (a function of (..., 2) points) on a box; levels spaced in log(f - min)."""
+    xs, ys, pts = grid(xlim, ylim, n)
+    z = f(pts)
+    z = np.log1p(z - z.min())
+    if filled:
+        ax.contourf(xs, ys, z, levels=levels, cmap="Greys", alpha=0.35, **kw)
+    ax.contour(xs, ys, z, levels=levels, colors=[color if color is not None else "0.45"],
+                    linewidths=1.0, **kw)
+    if label is not None:
+        ax.plot([], [], color=color if color is not None else "0.45", label=label)
+
+
+def point(ax, xy, label: str, color=None, marker: str = "o", size: float = 70, **kw) -> None:
+    ax.scatter([xy[0]], [xy[1]], s=size, marker=marker, color=color, label=label,
+               edgecolor="black", linewidth=0.8, zorder=5, **kw)
+
+
+def method_color(name: str):
+    return COLORS.get(name)
+
+
+def method_label(name: str) -> str:
+    return LABELS.get(name, name)
+
+
+def glue_figure(name: str, fig) -> None:
+    """Glue `fig` for a {glue:figure} directive and close it, so it is shown only where glued."""
+    from myst_nb import glue
+
+    glue(name, fig, display=False)
+    plt.close(fig)
+
+
+def legend_outside(ax, **kw) -> None:
+    """Legend to the right of the axes, so it never hides a point."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, **kw)
