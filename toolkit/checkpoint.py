@@ -1,0 +1,458 @@
+"""Checkpoints on disk, tensor by tensor: read (sharded) safetensors, write them atomically.
+
+A checkpoint is a Hugging Face model directory (config.json + model.safetensors, or shards
+model-0000k-of-0000N.safetensors + model.safetensors.index.json), an index file, or one
+.safetensors file. A safetensors file is: 8 bytes (little-endian u64) header length n, n bytes
+of JSON {name: {dtype, shape, data_offsets: [start, end]}, "__metadata__": {...}}, then the data.
+
+Reading uses pread into buffers the caller owns, not a memory map: nothing is shared
+copy-on-write with the file, inputs cannot be modified, and private memory stays bounded by
+the buffers. Writing plans every shard's header up front, then appends tensor bytes as they are
+computed, so no shard is ever held in memory. Output goes to a temporary directory next to the
+destination, renamed into place only when complete (`atomic_dir`).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import MergeError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+INDEX = "model.safetensors.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, absolute byte offset of its data, dtype and shape."""
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """'bf16' / 'bfloat16' / 'float32' / 'fp16' / 'F32' / torch.float16 -> torch dtype (None stays None)."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16",
+               "fp64": "float64", "double": "float64", "float": "float32"}
+    s = str(name).strip().lower().removeprefix("torch.")
+    if name in DTYPES:
+        return DTYPES[name]
+    dt = getattr(torch, aliases.get(s, s), None)
+    if not isinstance(dt, torch.dtype) or dt not in DTYPE_NAMES:
+        raise MergeError(f"unknown dtype {name!r}; use float32, bfloat16, float16 or float64")
+    return dt
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from 123, '500MB', '2GB', '1.5GiB' (powers of 1000 for kB/MB/GB, 1024 for KiB/MiB/GiB)."""
+    if isinstance(size, (int, float)) and not isinstance(size, bool):
+        n = int(size)
+    else:
+        m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]i?)?[bB]?\s*", str(size))
+        if not m:
+            raise MergeError(f"cannot read size {size!r}; write e.g. 2GB, 500MB or a number of bytes")
+        unit = (m.group(2) or "").lower()
+        base = 1024 if unit.endswith("i") else 1000
+        n = int(float(m.group(1)) * base ** " kmgt".index(unit[:1] or " "))
+    if n <= 0:
+        raise MergeError(f"size must be positive, got {size!r}")
+    return n
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate one safetensors file's header: known dtypes, sizes that match the shapes,
+    contiguous data that ends exactly at the end of the file (a truncated file fails here)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MergeError(f"missing safetensors file {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise MergeError(f"{path} is not a safetensors file: only {size} bytes")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, MAX_HEADER):
+            raise MergeError(f"{path} is truncated or not a safetensors file: header length {n}, "
+                             f"file size {size}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MergeError(f"{path} is corrupt: its safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise MergeError(f"{path} is corrupt: its safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    start, infos, spans = 8 + n, {}, []
+    for name, h in header.items():
+        try:
+            dtype, shape, (b, e) = DTYPES[h["dtype"]], tuple(int(s) for s in h["shape"]), h["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise MergeError(f"{path} is corrupt: bad header entry for {name!r}: {h!r}") from None
+        if any(s < 0 for s in shape) or e - b != math.prod(shape) * dtype.itemsize:
+            raise MergeError(f"{path} is corrupt: {name!r} has shape {shape} {h['dtype']} but "
+                             f"{e - b} bytes of data")
+        infos[name] = TensorInfo(name, dtype, shape, path, start + b)
+        spans.append((b, e, name))
+    end = 0
+    for b, e, name in sorted(spans):
+        if b != end:
+            raise MergeError(f"{path} is corrupt: data of {name!r} starts at {b}, expected {end}")
+        end = e
+    if start + end != size:
+        raise MergeError(f"{path} is truncated or corrupt: the header promises {end} bytes of data, "
+                         f"the file has {size - start}")
+    return dict(sorted(infos.items(), key=lambda kv: kv[1].offset)), dict(meta)
+
+
+class Checkpoint:
+    """A safetensors checkpoint opened for reading (directory, index file or single file).
+
+    `infos` maps every tensor name to its TensorInfo, in file order. `read` copies (part of) one
+    tensor into a buffer; files are opened read-only and closed by `close()` / the with-block.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.dir = self.path if self.path.is_dir() else None
+        self.infos: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, str] = {}
+        self._fds: dict[Path, int] = {}
+        for file, names in self._files().items():
+            infos, meta = read_header(file)
+            self.metadata = self.metadata or meta
+            if names is None:
+                names = list(infos)
+            missing = [k for k in names if k not in infos]
+            if missing:
+                raise MergeError(f"{file} lacks tensors its index assigns to it, e.g. {missing[:3]}")
+            for k in names:
+                if k in self.infos:
+                    raise MergeError(f"{self.path}: tensor {k!r} appears in two files")
+                self.infos[k] = infos[k]
+
+    def _files(self) -> dict[Path, list[str] | None]:
+        """The safetensors files and, for an index, which names each holds."""
+        p = self.path
+        if not p.exists():
+            raise MergeError(f"checkpoint {p} does not exist")
+        if p.is_dir():
+            if (p / INDEX).is_file():
+                p = p / INDEX
+            elif (p / "model.safetensors").is_file():
+                return {p / "model.safetensors": None}
+            else:
+                found = sorted(p.glob("*.safetensors"))
+                if len(found) == 1:
+                    return {found[0]: None}
+                bins = sorted(x.name for x in p.glob("*.bin"))
+                raise MergeError(f"{self.path} has no model.safetensors or {INDEX}"
+                                 + (f" (found {bins[:3]}: convert PyTorch .bin weights to safetensors, "
+                                    "e.g. load and save_pretrained them once)" if bins else "")
+                                 + (f" (found {len(found)} .safetensors files but no index)" if found else ""))
+        if p.suffix == ".safetensors":
+            return {p: None}
+        if p.name.endswith(".json"):
+            try:
+                weight_map = json.loads(p.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise MergeError(f"{p} is not a valid safetensors index ({e!r})") from None
+            files: dict[Path, list[str]] = {}
+            for name, fname in weight_map.items():
+                files.setdefault(p.parent / fname, []).append(name)
+            absent = [f.name for f in files if not f.is_file()]
+            if absent:
+                raise MergeError(f"{p} names shard(s) that are missing: {absent}")
+            return files
+        raise MergeError(f"{p} is neither a model directory, a .safetensors file nor an index .json")
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.infos.values())
+
+    def read(self, name: str, out: Tensor | None = None, start: int = 0, count: int | None = None) -> Tensor:
+        """Elements [start, start + count) of tensor `name`, flattened, read into `out` (a 1-D
+        buffer of the tensor's dtype with >= count elements) or into a new tensor."""
+        info = self.infos[name]
+        count = info.numel - start if count is None else count
+        if out is None:
+            out = torch.empty(count, dtype=info.dtype)
+        elif out.dtype != info.dtype or out.dim() != 1 or out.numel() < count or not out.is_contiguous():
+            raise ValueError(f"read: buffer {out.dtype}{tuple(out.shape)} cannot hold {count} {info.dtype}")
+        out = out[:count]
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        view = memoryview(out.view(torch.uint8).numpy()) if count else memoryview(b"")
+        pos, off = 0, info.offset + start * info.dtype.itemsize
+        while pos < len(view):
+            got = os.preadv(fd, [view[pos:]], off + pos)
+            if got <= 0:
+                raise MergeError(f"{info.file} ended early while reading {name!r} (changed or truncated "
+                                 "while the merge ran?)")
+            pos += got
+        return out
+
+    def tensor(self, name: str) -> Tensor:
+        """One whole tensor, in fresh memory, with its shape."""
+        return self.read(name).reshape(self.infos[name].shape)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Every tensor in memory (small checkpoints, tests)."""
+        return {k: self.tensor(k) for k in self.infos}
+
+
+def fingerprint(ckpt: Checkpoint | Mapping[str, Tensor], sample: int = 256) -> str:
+    """A short hash identifying a model: names, dtypes, shapes and `sample` bytes at the start,
+    middle and end of every tensor. Cheap (reads a few KB per tensor) yet differs between a base
+    and any fine-tuned model that changed a tensor there; equal for a checkpoint and its state dict."""
+    h = hashlib.blake2b(digest_size=16)
+    names = sorted(ckpt.infos if isinstance(ckpt, Checkpoint) else ckpt)
+    for name in names:
+        if isinstance(ckpt, Checkpoint):
+            info = ckpt.infos[name]
+            dtype, shape, numel = info.dtype, info.shape, info.numel
+        else:
+            t = ckpt[name].detach().cpu().contiguous().reshape(-1)
+            dtype, shape, numel = t.dtype, tuple(ckpt[name].shape), t.numel()
+        h.update(f"{name}|{DTYPE_NAMES[dtype]}|{list(shape)}".encode())
+        k = min(numel, max(1, sample // dtype.itemsize))
+        for s in sorted({0, (numel - k) // 2, numel - k}) if numel else []:
+            part = ckpt.read(name, None, s, k) if isinstance(ckpt, Checkpoint) else t[s:s + k]
+            h.update(part.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A tensor to be written: name, dtype, shape."""
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def plan_shards(specs: Sequence[Spec], shard_size: int) -> list[list[Spec]]:
+    """Split tensors, in order, into shards of at most `shard_size` bytes (a larger tensor gets a
+    shard of its own). Within a shard, wider dtypes come first so every tensor stays aligned."""
+    shards: list[list[Spec]] = [[]]
+    used = 0
+    for s in specs:
+        if shards[-1] and used + s.nbytes > shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(s)
+        used += s.nbytes
+    return [sorted(sh, key=lambda s: -s.dtype.itemsize) for sh in shards if sh] or [[]]
+
+
+def _header(specs: Sequence[Spec], metadata: Mapping[str, str]) -> bytes:
+    h: dict = {"__metadata__": dict(metadata)}
+    pos = 0
+    for s in specs:
+        h[s.name] = {"dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape), "data_offsets": [pos, pos + s.nbytes]}
+        pos += s.nbytes
+    raw = json.dumps(h, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardWriter:
+    """Writes tensors into planned safetensors shards, streaming: `write(name, chunk)` appends
+    bytes; tensors must arrive in `order` (chunks of a tensor in row-major order). `close()`
+    checks every byte arrived and writes model.safetensors.index.json."""
+
+    def __init__(self, directory: str | os.PathLike, specs: Sequence[Spec], shard_size: int | str,
+                 metadata: Mapping[str, str] | None = None):
+        self.dir = Path(directory)
+        self.shards = plan_shards(specs, parse_size(shard_size))
+        n = len(self.shards)
+        self.files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.order = [s for sh in self.shards for s in sh]
+        self._starts = {sum(map(len, self.shards[:i])): i for i in range(n)}  # order index -> shard
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.bytes_written = 0
+        self._i = -1  # index into order of the tensor being written
+        self._left = 0
+        self._f = None
+
+    def _next(self) -> Spec:
+        if self._left:
+            raise MergeError(f"internal: {self._left} bytes of {self.order[self._i].name!r} were not written")
+        self._i += 1
+        spec = self.order[self._i]
+        if self._i in self._starts:
+            self._open(self._starts[self._i])
+        self._left = spec.nbytes
+        return spec
+
+    def write(self, name: str, data: Tensor) -> None:
+        """Append `data` (the next elements of tensor `name`, cast to its planned dtype)."""
+        spec = self.order[self._i] if self._left else self._next()
+        if spec.name != name:
+            raise MergeError(f"internal: wrote {name!r} where {spec.name!r} was due")
+        data = data.detach().to(spec.dtype).contiguous().reshape(-1)
+        nbytes = data.numel() * spec.dtype.itemsize
+        if nbytes > self._left:
+            raise MergeError(f"internal: {name!r} got more data than its shape {spec.shape} holds")
+        if nbytes:
+            self._f.write(memoryview(data.view(torch.uint8).numpy()))
+        self._left -= nbytes
+        self.bytes_written += nbytes
+        if spec.nbytes == 0:  # empty tensors have nothing to write
+            self._left = 0
+
+    def _open(self, shard: int) -> None:
+        self._close_file()
+        self._f = open(self.dir / self.files[shard], "wb")
+        self._f.write(_header(self.shards[shard], self.metadata))
+
+    def _close_file(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def close(self) -> None:
+        """Finish the last shard (tensors still due must be empty) and write the index."""
+        while self._i + 1 < len(self.order):
+            self._next()
+            if self._left:
+                raise MergeError(f"internal: tensor {self.order[self._i].name!r} was never written")
+        if self._left:
+            raise MergeError(f"internal: {self._left} bytes of {self.order[self._i].name!r} missing")
+        if not self.order:  # an empty model still gets one (empty) shard
+            self._open(0)
+        self._close_file()
+        weight_map = {s.name: f for f, sh in zip(self.files, self.shards) for s in sh}
+        index = {"metadata": {"total_size": sum(s.nbytes for s in self.order)}, "weight_map": weight_map}
+        (self.dir / INDEX).write_text(json.dumps(index, indent=2))
+
+    def abort(self) -> None:
+        self._close_file()
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to `dest`; on success rename it to `dest`
+    (replacing an old `dest` only if `overwrite`), on any error remove it. A killed process leaves
+    at most a hidden `.NAME.tmp-*` directory, never a half-written `dest`."""
+    dest = Path(dest)
+    if dest.exists() and not overwrite:
+        raise MergeError(f"output {dest} already exists; choose another path or pass overwrite")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            if not overwrite:
+                raise MergeError(f"output {dest} appeared while merging; not replacing it")
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.replace(dest, old / "x")
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_side_files(src: str | os.PathLike | None, dst: str | os.PathLike,
+                    dtype: torch.dtype | None = None) -> list[str]:
+    """Copy a model directory's non-weight files (config, tokenizer, generation config, ...) to
+    `dst`; with `dtype`, config.json's dtype entry is updated to match the merged weights."""
+    if src is None:
+        return []
+    copied = []
+    for p in sorted(Path(src).iterdir()):
+        if not p.is_file() or p.name.startswith(".") or p.name.endswith(WEIGHT_SUFFIXES) \
+                or p.name.endswith(".index.json"):
+            continue
+        shutil.copy2(p, Path(dst) / p.name)
+        copied.append(p.name)
+    cfg = Path(dst) / "config.json"
+    if dtype is not None and cfg.is_file():
+        try:
+            c = json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise MergeError(f"{src}/config.json is not valid JSON ({e})") from None
+        for key in ("torch_dtype", "dtype"):
+            if key in c:
+                c[key] = str(dtype).removeprefix("torch.")
+        cfg.write_text(json.dumps(c, indent=2) + "\n")
+    return copied
+
+
+def save_checkpoint(state_dict: Mapping[str, Tensor], dest: str | os.PathLike, *,
+                    shard_size: int | str = "5GB", overwrite: bool = False,
+                    metadata: Mapping[str, str] | None = None, side_files_from: str | None = None) -> Path:
+    """Write an in-memory state dict as a sharded safetensors directory, atomically."""
+    specs = [Spec(k, v.dtype, tuple(v.shape)) for k, v in state_dict.items()]
+    with atomic_dir(dest, overwrite) as tmp:
+        w = ShardWriter(tmp, specs, shard_size, metadata)
+        try:
+            for s in w.order:
+                w.write(s.name, state_dict[s.name])
+            w.close()
+        finally:
+            w.abort()
+        copy_side_files(side_files_from, tmp)
+    return Path(dest)

@@ -1,0 +1,304 @@
+"""Streaming merge of checkpoints on disk, driven by a YAML config: `python -m toolkit merge CONFIG.yaml`.
+
+Every output tensor is `toolkit.merge.merge_tensor(method, name, base, thetas, alphas, fishers,
+sizes, base_fisher, **options)`, the same code path as in-memory merges. Element-wise methods
+(average, task arithmetic, Fisher averaging, gradient matching) are applied to chunks of
+`chunk` elements read into preallocated buffers, so memory stays bounded whatever the model
+size; methods that need a whole tensor (TIES, DARE, new ones) get one tensor at a time.
+
+Config (YAML; relative paths are relative to the config file):
+
+    base: checkpoints/base            # theta_0: HF model dir, index .json or .safetensors file
+    models:                           # theta_t with alpha_t (default 1.0)
+      - path: checkpoints/news
+        alpha: 0.5
+        fisher: fishers/news.safetensors  # F_t, Fisher methods only (`python -m toolkit fisher`)
+        size: 120000                  # N_t; default: the Fisher file's dataset_size metadata
+      - path: checkpoints/code
+        alpha: 0.5
+        fisher: fishers/code.safetensors
+    method: gradient_matching         # any name in toolkit.merge.METHODS
+    options: {fisher_floor: 0.0}      # keyword options of the method
+    delta: 1.0e-12                    # shorthand for options.delta (gradient matching's prior)
+    base_fisher: fishers/base.safetensors  # F_0, optional (gradient matching)
+    base_size: 25000                  # N_0; default: the base Fisher's dataset_size metadata
+    dtype: bfloat16                   # output dtype of float tensors; default: as the base
+    shard_size: 2GB                   # largest output shard (default 5GB)
+    output: merged/news-code          # written to a temp dir next to it, renamed when complete
+    overwrite: false                  # replace an existing output
+
+The output is sharded safetensors + model.safetensors.index.json + the base's config,
+tokenizer and generation files: a directory `from_pretrained` loads.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import yaml
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .checkpoint import Checkpoint, ShardWriter, Spec, atomic_dir, copy_side_files, fingerprint, parse_dtype
+from .errors import MergeError
+from .merge import check_alphas, check_options, compute_dtype, get_method, merge_tensor
+
+ELEMENTWISE = frozenset({"average", "task_arithmetic", "fisher_average", "gradient_matching"})
+CONFIG_KEYS = {"base", "models", "method", "options", "delta", "base_fisher", "base_size", "dtype",
+               "shard_size", "output", "overwrite"}
+MODEL_KEYS = {"path", "alpha", "fisher", "size"}
+PathLike = str | os.PathLike
+
+
+@dataclass
+class Summary:
+    """What a merge did: tensors written, bytes read and written, wall-clock seconds."""
+    output: Path
+    method: str
+    tensors: int
+    shards: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+
+    def __str__(self) -> str:
+        gb = 1e9
+        return (f"merged {self.tensors} tensors with {self.method} into {self.output} ({self.shards} shard(s)): "
+                f"read {self.bytes_read / gb:.2f} GB, wrote {self.bytes_written / gb:.2f} GB "
+                f"in {self.seconds:.2f} s ({(self.bytes_read + self.bytes_written) / gb / max(self.seconds, 1e-9):.2f} GB/s)")
+
+
+def check_same(base: Checkpoint, models: Sequence[Checkpoint]) -> None:
+    """Every model has exactly the base's tensor names, shapes and dtypes."""
+    for i, ck in enumerate(models):
+        missing, extra = base.infos.keys() - ck.infos.keys(), ck.infos.keys() - base.infos.keys()
+        if missing or extra:
+            raise MergeError(f"model {i} ({ck.path}) does not match the base ({base.path}): missing "
+                             f"{sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+        for k, b in base.infos.items():
+            t = ck.infos[k]
+            if t.shape != b.shape:
+                raise MergeError(f"{k!r}: model {i} ({ck.path}) has shape {t.shape}, the base {b.shape}")
+            if t.dtype != b.dtype:
+                raise MergeError(f"{k!r}: model {i} ({ck.path}) has dtype {t.dtype}, the base {b.dtype}")
+
+
+def check_fisher_file(fisher: Checkpoint, model: Checkpoint, what: str, check_hash: bool = True) -> None:
+    """A Fisher file must cover the model's float tensors with the same shapes, in a float dtype,
+    and (when it records one) carry the model's fingerprint."""
+    for k, info in model.infos.items():
+        if not info.dtype.is_floating_point:
+            continue
+        f = fisher.infos.get(k)
+        if f is None:
+            raise MergeError(f"{what} ({fisher.path}) has no entry for {k!r}: is it a Fisher of another model?")
+        if f.shape != info.shape or not f.dtype.is_floating_point:
+            raise MergeError(f"{what} ({fisher.path}): {k!r} is {f.dtype}{list(f.shape)}, the model's "
+                             f"parameter is {list(info.shape)}: is it a Fisher of another model?")
+    want = fisher.metadata.get("model_hash")
+    if check_hash and want and want != fingerprint(model):
+        raise MergeError(f"{what} ({fisher.path}) was estimated for another model: its model_hash {want} "
+                         f"differs from {model.path}'s {fingerprint(model)}")
+
+
+class _Buffers:
+    """Preallocated 1-D read buffers of `chunk` elements, one per (role, dtype)."""
+
+    def __init__(self, chunk: int):
+        self.chunk, self.bufs = chunk, {}
+
+    def __call__(self, role: Any, dtype: torch.dtype) -> Tensor:
+        key = (role, dtype)
+        if key not in self.bufs:
+            self.bufs[key] = torch.empty(self.chunk, dtype=dtype)
+        return self.bufs[key]
+
+
+def merge_checkpoints(base: PathLike, models: Sequence[PathLike], output: PathLike, *,
+                      method: str = "task_arithmetic", alphas: Sequence[float] | None = None,
+                      fishers: Sequence[PathLike] | None = None, sizes: Sequence[float | None] | None = None,
+                      base_fisher: PathLike | None = None, options: Mapping[str, Any] | None = None,
+                      dtype: str | torch.dtype | None = None, shard_size: int | str = "5GB",
+                      overwrite: bool = False, progress: bool = True, chunk: int = 1 << 20,
+                      check_hash: bool = True) -> Summary:
+    """Merge checkpoints on disk tensor by tensor into a new sharded safetensors directory.
+
+    Each output tensor is merge_tensor(method, ...) of the inputs' tensors (e.g. task arithmetic
+    theta_0 + sum_t alpha_t tau_t); fp16/bf16 are computed in fp32, then cast to `dtype`
+    (default: the base's dtype). Inputs are only read; the output appears atomically."""
+    t0 = time.perf_counter()
+    m = get_method(method)
+    options = dict(options or {})
+    check_options(m, options)
+    alphas = check_alphas(alphas, len(models))
+    out_dtype = parse_dtype(dtype)
+    if not m.uses_fisher and (fishers or base_fisher):
+        raise MergeError(f"method {m.name!r} does not use Fishers, but Fisher files were given")
+    with contextlib.ExitStack() as stack:
+        open_ = lambda p: stack.enter_context(Checkpoint(p))  # noqa: E731
+        base_ck, cks = open_(base), [open_(p) for p in models]
+        check_same(base_ck, cks)
+        fks, bfk, sizes = [], None, list(sizes) if sizes is not None else [None] * len(cks)
+        if m.uses_fisher:
+            if not fishers or len(fishers) != len(cks):
+                raise MergeError(f"method {m.name!r} needs one Fisher file per model: got "
+                                 f"{len(fishers or [])} for {len(cks)} models")
+            if len(sizes) != len(cks):
+                raise MergeError(f"got {len(sizes)} sizes for {len(cks)} models")
+            fks = [open_(p) for p in fishers]
+            for i, (fk, ck) in enumerate(zip(fks, cks)):
+                check_fisher_file(fk, ck, f"Fisher {i}", check_hash)
+            sizes = [s if s is not None else fk.metadata.get("dataset_size") for s, fk in zip(sizes, fks)]
+            if base_fisher is not None:
+                bfk = open_(base_fisher)
+                check_fisher_file(bfk, base_ck, "the base Fisher", check_hash)
+                if "base_size" in m.options and "dataset_size" in bfk.metadata:
+                    options.setdefault("base_size", float(bfk.metadata["dataset_size"]))
+        if all(s is None for s in sizes):
+            sizes = None
+        elif any(s is None for s in sizes):
+            raise MergeError(f"data-set sizes N_t known for some models only ({sizes}): give a size "
+                             "for every model (config `size:`) or Fisher files with dataset_size metadata")
+        specs = [Spec(k, out_dtype if out_dtype and i.dtype.is_floating_point else i.dtype, i.shape)
+                 for k, i in base_ck.infos.items()]
+        ctx = _Ctx(m, base_ck, cks, fks, bfk, alphas, sizes, options, out_dtype, _Buffers(chunk))
+        ctx.probe()
+        with atomic_dir(output, overwrite) as tmp:
+            meta = {"merge_method": m.name, "merge_alphas": ",".join(map(str, alphas))}
+            writer = ShardWriter(tmp, specs, shard_size, meta)
+            total = sum(s.nbytes for s in specs)
+            try:
+                with tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({m.name})",
+                          disable=not progress) as bar:
+                    for spec in writer.order:
+                        for out in ctx.merged(spec.name, whole=m.name not in ELEMENTWISE):
+                            writer.write(spec.name, out)
+                            bar.update(out.numel() * spec.dtype.itemsize)
+                writer.close()
+            finally:
+                writer.abort()
+            copy_side_files(base_ck.dir, tmp, out_dtype)
+        return Summary(Path(output), m.name, len(specs), len(writer.shards), ctx.bytes_read,
+                       writer.bytes_written, time.perf_counter() - t0)
+
+
+@dataclass
+class _Ctx:
+    """The opened inputs of one merge and how to produce one tensor's merged values."""
+    m: Any
+    base: Checkpoint
+    models: list[Checkpoint]
+    fishers: list[Checkpoint]
+    base_fisher: Checkpoint | None
+    alphas: list[float]
+    sizes: list[float] | None
+    options: dict
+    out_dtype: torch.dtype | None
+    bufs: _Buffers
+    bytes_read: int = 0
+
+    def _read(self, ck: Checkpoint, role: Any, name: str, start: int, n: int | None) -> Tensor:
+        info = ck.infos[name]
+        if n is None:  # whole tensor, fresh memory
+            t = ck.tensor(name)
+        else:
+            t = ck.read(name, self.bufs(role, info.dtype), start, n)
+        self.bytes_read += t.numel() * info.dtype.itemsize
+        return t
+
+    def merged(self, name: str, whole: bool = False, start: int = 0, stop: int | None = None):
+        """Yield the merged values of tensor `name`: chunks of the flattened tensor for element-wise
+        methods (or when `whole` is False), else the whole tensor."""
+        info = self.base.infos[name]
+        stop = info.numel if stop is None else stop
+        if info.numel == 0:
+            yield torch.empty(0, dtype=info.dtype)
+            return
+        if not info.dtype.is_floating_point:  # integer buffers etc.: copied from the base
+            for s in range(start, stop, self.bufs.chunk):
+                yield self._read(self.base, "base", name, s, min(self.bufs.chunk, stop - s))
+            return
+        spans = [(start, None)] if whole else [(s, min(self.bufs.chunk, stop - s))
+                                               for s in range(start, stop, self.bufs.chunk)]
+        for s, n in spans:
+            base = self._read(self.base, "base", name, s, n)
+            thetas = [self._read(ck, ("model", i), name, s, n) for i, ck in enumerate(self.models)]
+            fishers = [self._read(ck, ("fisher", i), name, s, n) for i, ck in enumerate(self.fishers)] or None
+            bf = self._read(self.base_fisher, "base_fisher", name, s, n) if self.base_fisher else None
+            if self.out_dtype is not None and self.out_dtype != info.dtype:  # no double rounding
+                cd = compute_dtype(info.dtype)
+                base, thetas = base.to(cd), [t.to(cd) for t in thetas]
+            yield merge_tensor(self.m, name, base, thetas, self.alphas, fishers, self.sizes, bf, **self.options)
+
+    def probe(self) -> None:
+        """Run the method on the first element of the first float tensor, so a bad option or
+        missing size fails before any output is created."""
+        for name, info in self.base.infos.items():
+            if info.dtype.is_floating_point and info.numel:
+                for _ in self.merged(name, start=0, stop=1):
+                    pass
+                self.bytes_read = 0
+                return
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+def load_config(config: PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """Read and check a merge config (YAML file or dict); returns merge_checkpoints' arguments."""
+    root = Path.cwd()
+    if not isinstance(config, Mapping):
+        path = Path(config)
+        if not path.is_file():
+            raise MergeError(f"config file {path} does not exist")
+        try:
+            config = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise MergeError(f"config {path} is not valid YAML: {e}") from None
+        root = path.parent
+        if not isinstance(config, Mapping):
+            raise MergeError(f"config {path} must be a YAML mapping (base:, models:, method:, output:)")
+    unknown = set(config) - CONFIG_KEYS
+    if unknown:
+        raise MergeError(f"unknown config field(s) {sorted(unknown)}; known: {sorted(CONFIG_KEYS)}")
+    missing = [k for k in ("base", "models", "method", "output") if config.get(k) in (None, "", [])]
+    if missing:
+        raise MergeError(f"config is missing the field(s) {missing}")
+    rel = lambda p: None if p is None else str(root / Path(str(p)).expanduser())  # noqa: E731
+    models = config["models"]
+    if not isinstance(models, list):
+        raise MergeError("config field 'models' must be a list of {path:, alpha:} entries")
+    paths, alphas, fishers, sizes = [], [], [], []
+    for i, e in enumerate(models):
+        e = {"path": e} if isinstance(e, (str, os.PathLike)) else e
+        if not isinstance(e, Mapping) or "path" not in e:
+            raise MergeError(f"models[{i}] must have a 'path' (and optionally alpha, fisher, size)")
+        if set(e) - MODEL_KEYS:
+            raise MergeError(f"models[{i}] has unknown field(s) {sorted(set(e) - MODEL_KEYS)}; known: {sorted(MODEL_KEYS)}")
+        paths.append(rel(e["path"]))
+        alphas.append(e.get("alpha", 1.0))
+        fishers.append(rel(e.get("fisher")))
+        sizes.append(None if e.get("size") is None else float(e["size"]))
+    if any(f is not None for f in fishers) and any(f is None for f in fishers):
+        raise MergeError("give a 'fisher' file for every model or for none")
+    options = dict(config.get("options") or {})
+    for key in ("delta", "base_size"):
+        if config.get(key) is not None:
+            options[key] = float(config[key])
+    return dict(base=rel(config["base"]), models=paths, output=rel(config["output"]),
+                method=str(config["method"]), alphas=alphas,
+                fishers=fishers if fishers and fishers[0] is not None else None, sizes=sizes,
+                base_fisher=rel(config.get("base_fisher")), options=options, dtype=config.get("dtype"),
+                shard_size=config.get("shard_size", "5GB"), overwrite=bool(config.get("overwrite", False)))
+
+
+def merge_config(config: PathLike | Mapping[str, Any], **overrides) -> Summary:
+    """Run the merge a config describes (overrides: e.g. progress=False, overwrite=True)."""
+    return merge_checkpoints(**{**load_config(config), **overrides})
