@@ -1,0 +1,369 @@
+"""Diagonal Fisher estimators: brute force, backend agreement, MC statistics, BackPACK, causal LMs."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from toolkit import MergeError
+from toolkit.curvature import fisher
+
+torch.set_num_threads(1)
+D64 = torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# Small float64 models and data
+# ---------------------------------------------------------------------------------------------
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.ReLU(inplace=True), nn.Linear(7, 3)).to(D64)
+
+
+class TextNet(nn.Module):
+    """Embedding (with padding_idx) -> Conv1d over tokens -> mean -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6, padding_idx=0)
+        self.conv = nn.Conv1d(6, 5, 3, padding=1)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, ids):
+        return self.fc(torch.relu(self.conv(self.emb(ids).transpose(1, 2))).mean(-1))
+
+
+def text():
+    torch.manual_seed(1)
+    return TextNet().to(D64)
+
+
+def conv():
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.Tanh(),
+                         nn.Conv2d(4, 3, 2, stride=2, padding=1, padding_mode="reflect"),
+                         nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).to(D64)
+
+
+def vit():
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(3)
+    return VisionTransformer(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=1, num_heads=2,
+                             num_classes=3).to(D64)
+
+
+def data(name, n=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = {"mlp": lambda: torch.randn(n, 5, generator=g, dtype=D64),
+         "text": lambda: torch.randint(0, 20, (n, 6), generator=g),
+         "conv": lambda: torch.randn(n, 2, 6, 6, generator=g, dtype=D64),
+         "vit": lambda: torch.randn(n, 1, 8, 8, generator=g, dtype=D64)}[name]()
+    return x, torch.randint(0, 3, (n,), generator=g)
+
+
+MODELS = {"mlp": mlp, "text": text, "conv": conv, "vit": vit}
+
+
+def batches(x, y, size):
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(y), size)]
+
+
+def per_class_grads(model, x, n_classes=3):
+    """Brute force, one example and one class at a time: p [N, C] and g[n][c] = {name: grad log p}."""
+    model.eval()
+    names, params = zip(*model.named_parameters())
+    probs, grads = [], []
+    for n in range(len(x)):
+        logp = torch.log_softmax(model(x[n:n + 1])[0], -1)
+        probs.append(logp.exp().detach())
+        grads.append([dict(zip(names, torch.autograd.grad(logp[c], params, retain_graph=True)))
+                      for c in range(n_classes)])
+    return torch.stack(probs), grads
+
+
+def brute_force(model, x, y):
+    """Exact Fisher 1/N sum_n sum_c p_nc g_nc^2 and empirical Fisher 1/N sum_n g_{n,y_n}^2."""
+    p, g = per_class_grads(model, x)
+    N = len(x)
+    exact = {k: sum(p[n, c] * g[n][c][k] ** 2 for n in range(N) for c in range(3)) / N for k in g[0][0]}
+    emp = {k: sum(g[n][int(y[n])][k] ** 2 for n in range(N)) / N for k in g[0][0]}
+    return exact, emp
+
+
+def assert_close(a, b, rtol):
+    assert sorted(a) == sorted(b)
+    for k in b:
+        scale = float(b[k].abs().max()) + 1e-300
+        err = float((a[k] - b[k]).abs().max()) / scale
+        assert err < rtol, f"{k}: relative error {err:.2e}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Correctness against brute force and between backends
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_exact_and_empirical_match_brute_force(name):
+    model = MODELS[name]()
+    x, y = data(name)
+    exact, emp = brute_force(model, x, y)
+    for backend in ("hooks", "loop"):
+        assert_close(fisher(model, batches(x, y, 4), "exact", backend=backend, progress=False), exact, 1e-10)
+        assert_close(fisher(model, batches(x, y, 4), "empirical", backend=backend, progress=False), emp, 1e-10)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_hooks_equal_loop_for_mc_and_batch_squared(name):
+    model = MODELS[name]()
+    x, y = data(name, seed=1)
+    b = batches(x, y, 4)
+    mc = [fisher(model, b, "mc", n_samples=3, seed=7, backend=be, progress=False) for be in ("hooks", "loop")]
+    assert_close(mc[0], mc[1], 1e-10)
+    bs = [fisher(model, b, "batch_squared", backend=be, progress=False) for be in ("hooks", "loop")]
+    assert_close(bs[0], bs[1], 1e-10)
+
+
+def test_vit_uses_the_batch_expanded_copy_for_cls_token_and_pos_embed():
+    """The z trick (p + z, z [B, ...]) is verified against the loop and kept for timm's ViT."""
+    from toolkit.curvature import select_params
+    from toolkit.persample import HookEngine
+    model = vit()
+    chosen, _ = select_params(model, None)
+    acc = {k: torch.zeros_like(p) for k, p in chosen.items()}
+    with HookEngine(model.eval(), chosen, acc) as eng:
+        z = eng.forward(data("vit", 3)[0])
+        eng.backward(z, torch.randn_like(z))
+    assert sorted(eng.zparams) == ["cls_token", "pos_embed"] and eng.loop == []
+
+
+def test_mc_converges_to_exact_within_its_own_standard_error():
+    """Many MC draws: |F_mc - F| must be within 5 standard errors, computed exactly from the label
+    distribution (Var over y ~ p of g_y^2); a 10% scaling error, the batch-mean scaling and the
+    empirical Fisher all lie far outside that bound, so a wrong estimator cannot pass."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(D64)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(4, 3, generator=g, dtype=D64), torch.randint(0, 3, (4,), generator=g)
+    N, S = len(x), 3000
+    p, gr = per_class_grads(model, x)
+    vec = lambda d: torch.cat([v.flatten() for v in d.values()])  # noqa: E731
+    g2 = torch.stack([torch.stack([vec(gr[n][c]) ** 2 for c in range(3)]) for n in range(N)])  # [N, C, P]
+    exact = (p[..., None] * g2).sum(1).mean(0)
+    var_entry = ((p[..., None] * g2 ** 2).sum(1) - (p[..., None] * g2).sum(1) ** 2).sum(0) / (N ** 2 * S)
+    h = g2.sum(-1)  # ||g_nc||^2
+    sd_trace = math.sqrt(float(((p * h ** 2).sum(1) - (p * h).sum(1) ** 2).sum()) / (N ** 2 * S))
+
+    mc = vec(fisher(model, [(x, y)], "mc", n_samples=S, seed=0, progress=False))
+    emp = vec(fisher(model, [(x, y)], "empirical", progress=False))
+    z_trace = lambda f: float(f.sum() - exact.sum()) / sd_trace  # noqa: E731
+    assert abs(z_trace(mc)) < 5
+    ok = var_entry > 0
+    assert float(((mc - exact)[ok] / var_entry[ok].sqrt()).abs().max()) < 6
+    assert torch.equal(mc[~ok], exact[~ok])
+    for wrong in (1.1 * mc, mc / N, emp):
+        assert abs(z_trace(wrong)) > 5
+
+
+def test_batch_squared_is_the_square_of_the_mean_loss_gradient_and_about_batch_size_too_small():
+    torch.manual_seed(6)
+    model = nn.Linear(20, 4).to(D64)
+    B, K = 16, 40
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(B * K, 20, generator=g, dtype=D64)  # zero mean, labels independent of x:
+    y = torch.arange(B * K) % 4  # per-example weight gradients (p - e_y) x^T are uncorrelated
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.zero_()
+    data_ = batches(x, y, B)
+    bs = fisher(model, data_, "batch_squared", progress=False)
+    ref = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
+    for xb, yb in data_:
+        for (k, _), gk in zip(model.named_parameters(), torch.autograd.grad(F.cross_entropy(model(xb), yb),
+                                                                         list(model.parameters()))):
+            ref[k] += gk ** 2 / K
+    assert_close(bs, ref, 1e-12)
+    emp = fisher(model, data_, "empirical", progress=False)
+    for k in emp:  # Jensen, per batch and entry: (mean g)^2 <= mean g^2
+        assert (bs[k] <= emp[k] + 1e-15).all()
+    ratio = float(emp["weight"].sum() / bs["weight"].sum())  # E||mean g||^2 = E||g||^2 / B here
+    assert B / 2 < ratio < 2 * B, ratio
+
+
+def test_backpack_agrees():
+    """BackPACK with CrossEntropyLoss(reduction='sum'): DiagGGNExact = N * exact Fisher (the GGN of
+    softmax cross-entropy is its Fisher), SumGradSquared = N * empirical, BatchGrad = per-example
+    gradients. (With reduction='mean' they would carry 1/N, 1/N^2 and 1/N.)"""
+    backpack = pytest.importorskip("backpack")
+    from backpack.extensions import BatchGrad, DiagGGNExact, SumGradSquared
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).to(D64)
+    x, y = torch.randn(12, 5, dtype=D64), torch.randint(0, 3, (12,))
+    exact = fisher(model, batches(x, y, 6), "exact", progress=False)
+    emp = fisher(model, batches(x, y, 6), "empirical", progress=False)
+    bp = backpack.extend(copy.deepcopy(model))
+    loss = backpack.extend(nn.CrossEntropyLoss(reduction="sum"))(bp(x), y)
+    with backpack.backpack(DiagGGNExact(), SumGradSquared(), BatchGrad()):
+        loss.backward()
+    N = len(y)
+    for k, p in bp.named_parameters():
+        assert torch.allclose(exact[k], p.diag_ggn_exact / N, rtol=1e-5, atol=0)
+        assert torch.allclose(emp[k], p.sum_grad_squared / N, rtol=1e-5, atol=0)
+        assert torch.allclose(emp[k], (p.grad_batch ** 2).mean(0), rtol=1e-5, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Causal LM (tiny random Llama with tied embeddings)
+# ---------------------------------------------------------------------------------------------
+
+
+def llama(dtype=D64):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, vocab_size=32,
+                                   max_position_embeddings=32, tie_word_embeddings=True)
+    torch.manual_seed(8)
+    return transformers.LlamaForCausalLM(cfg).to(dtype)
+
+
+def lm_batch():
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(1, 32, (4, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # right padding
+    mask[2, :2] = 0  # left padding
+    ids = ids.masked_fill(mask == 0, 0)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_causal_lm_hooks_equal_loop_and_brute_force():
+    model = llama()
+    inp = lm_batch()
+    data_ = [(inp, None)]
+    emp = {be: fisher(model, data_, "empirical", task="causal_lm", backend=be, progress=False)
+           for be in ("hooks", "loop")}
+    assert_close(emp["hooks"], emp["loop"], 1e-10)
+    mc = [fisher(model, data_, "mc", n_samples=2, seed=3, task="causal_lm", backend=be, progress=False)
+          for be in ("hooks", "loop")]
+    assert_close(mc[0], mc[1], 1e-10)
+    # brute force: per sequence, summed next-token loss over positions whose input and target are real
+    names, params = zip(*model.named_parameters())
+    ref = {k: torch.zeros_like(p) for k, p in zip(names, params)}
+    ids, mask = inp["input_ids"], inp["attention_mask"]
+    for n in range(len(ids)):
+        z = model(input_ids=ids[n:n + 1], attention_mask=mask[n:n + 1]).logits[0, :-1]
+        keep = (mask[n, :-1] * mask[n, 1:]).bool()
+        loss = F.cross_entropy(z[keep], ids[n, 1:][keep], reduction="sum")
+        for k, gk in zip(names, torch.autograd.grad(loss, params)):
+            ref[k] += gk ** 2 / len(ids)
+    ref["lm_head.weight"] = ref["model.embed_tokens.weight"]
+    assert_close(emp["hooks"], ref, 1e-10)
+    # tied aliases: every state_dict name, equal values, distinct tensors
+    assert sorted(emp["hooks"]) == sorted(model.state_dict())
+    assert torch.equal(emp["hooks"]["lm_head.weight"], emp["hooks"]["model.embed_tokens.weight"])
+    # right padding: tokens behind the mask cannot change anything
+    inp2 = {k: v.clone() for k, v in inp.items()}
+    inp2["input_ids"][1, 5:] = 7
+    assert_close(fisher(model, [(inp2, None)], "empirical", task="causal_lm", progress=False), emp["hooks"], 1e-10)
+
+
+def test_causal_lm_float32_hooks_cover_rmsnorm():
+    """In float32 transformers' LlamaRMSNorm passes the look-alike check and goes through hooks."""
+    from toolkit.curvature import select_params
+    from toolkit.persample import HookEngine
+    model = llama(torch.float32)
+    inp = lm_batch()
+    f = [fisher(model, [(inp, None)], "empirical", task="causal_lm", backend=be, progress=False)
+         for be in ("hooks", "loop")]
+    assert_close(f[0], f[1], 1e-4)
+    assert all(v.dtype == torch.float32 for v in f[0].values())
+    chosen, _ = select_params(model, None)
+    with HookEngine(model.eval(), chosen, {k: torch.zeros_like(p) for k, p in chosen.items()}) as eng:
+        eng.forward(inp)
+    assert eng.loop == [] and eng.zparams == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Options, side effects, errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_params_filter_and_tied_aliases():
+    model = llama()
+    data_ = [(lm_batch(), None)]
+    full = fisher(model, data_, "empirical", task="causal_lm", progress=False)
+    only = fisher(model, data_, "empirical", task="causal_lm", progress=False, params=["lm_head.weight"])
+    assert sorted(only) == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert torch.equal(only["lm_head.weight"], full["lm_head.weight"])
+    mlp_ = mlp()
+    x, y = data("mlp")
+    some = fisher(mlp_, [(x, y)], "exact", progress=False, params=lambda k: k.endswith("bias"))
+    assert sorted(some) == ["0.bias", "1.bias", "3.bias"]
+    assert_close(some, {k: v for k, v in brute_force(mlp_, x, y)[0].items() if k.endswith("bias")}, 1e-10)
+    with pytest.raises(MergeError, match="not trainable parameters"):
+        fisher(mlp_, [(x, y)], params=["0.weight", "nope"], progress=False)
+    with pytest.raises(MergeError, match="no trainable parameters selected"):
+        fisher(mlp_, [(x, y)], params=lambda k: False, progress=False)
+
+
+def test_model_untouched_and_modes_restored():
+    model = vit()
+    model.train()
+    model.head.eval()
+    model.head.weight.grad = torch.ones_like(model.head.weight)
+    before = copy.deepcopy(model.state_dict())
+    x, y = data("vit", 4)
+    x0 = x.clone()
+    out = fisher(model, [(x, y)], "mc", progress=False)
+    assert model.training and not model.head.training and model.blocks[0].training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert torch.equal(model.head.weight.grad, torch.ones_like(model.head.weight))
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "head.weight")
+    assert torch.equal(x, x0)
+    assert not any(m._forward_hooks for m in model.modules())
+    assert all(v.dtype == D64 and v.shape == before[k].shape for k, v in out.items())
+
+
+def test_seed_and_max_examples():
+    model = mlp()
+    x, y = data("mlp", 12)
+    a = fisher(model, batches(x, y, 5), "mc", seed=1, progress=False)
+    b = fisher(model, batches(x, y, 5), "mc", seed=1, progress=False)
+    c = fisher(model, batches(x, y, 5), "mc", seed=2, progress=False)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    head = fisher(model, batches(x, y, 5), "empirical", max_examples=7, progress=False)
+    assert_close(head, fisher(model, [(x[:7], y[:7])], "empirical", progress=False), 1e-12)
+
+
+def test_errors_are_clear():
+    model = mlp()
+    x, y = data("mlp", 4)
+    ok = [(x, y)]
+    cases = [
+        (dict(kind="fast"), "unknown kind"),
+        (dict(backend="magic"), "unknown backend"),
+        (dict(task="regression"), "unknown task"),
+        (dict(kind="exact", task="causal_lm"), "only for task='classification'"),
+        (dict(n_samples=0), "n_samples"),
+        (dict(max_examples=0), "max_examples"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(MergeError, match=msg):
+            fisher(model, ok, progress=False, **kw)
+    with pytest.raises(MergeError, match="no examples"):
+        fisher(model, [], progress=False)
+    with pytest.raises(MergeError, match="targets must be a tensor of shape"):
+        fisher(model, [(x, y[:3])], progress=False)
+    with pytest.raises(MergeError, match="must lie in"):
+        fisher(model, [(x, y + 5)], progress=False)
+    with pytest.raises(MergeError, match="pair"):
+        fisher(model, [x], progress=False)
+    with pytest.raises(MergeError, match="needs logits"):
+        fisher(llama(), [(lm_batch(), None)], "empirical", progress=False)
+    with pytest.raises(MergeError, match="input_ids"):
+        fisher(model, ok, "empirical", task="causal_lm", progress=False)
