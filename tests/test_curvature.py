@@ -141,6 +141,33 @@ def test_vit_uses_the_batch_expanded_copy_for_cls_token_and_pos_embed():
     assert sorted(eng.zparams) == ["cls_token", "pos_embed"] and eng.loop == []
 
 
+class Shifted(nn.Module):
+    """A [1, D] parameter the z trick must NOT be used for: indexed by its first dim, or reshaped."""
+
+    def __init__(self, use):
+        super().__init__()
+        self.use, self.fc, self.shift = use, nn.Linear(5, 3), nn.Parameter(torch.randn(1, 5))
+
+    def forward(self, x):
+        s = self.shift[0] if self.use == "index" else self.shift.reshape(-1)
+        return self.fc(torch.tanh(x + s))
+
+
+@pytest.mark.parametrize("use", ["index", "reshape"])
+def test_z_trick_falls_back_to_the_loop_where_it_would_be_wrong(use):
+    from toolkit.curvature import select_params
+    from toolkit.persample import HookEngine
+    torch.manual_seed(0)
+    model = Shifted(use).to(D64)
+    x, y = data("mlp", 6)
+    assert_close(fisher(model, [(x, y)], "exact", progress=False), brute_force(model, x, y)[0], 1e-10)
+    chosen, _ = select_params(model, None)
+    with HookEngine(model.eval(), chosen, {k: torch.zeros_like(p) for k, p in chosen.items()}) as eng:
+        z = eng.forward(x)
+        eng.backward(z, torch.randn_like(z))
+    assert eng.zparams == [] and eng.loop == ["shift"]
+
+
 def test_mc_converges_to_exact_within_its_own_standard_error():
     """Many MC draws: |F_mc - F| must be within 5 standard errors, computed exactly from the label
     distribution (Var over y ~ p of g_y^2); a 10% scaling error, the batch-mean scaling and the
@@ -194,6 +221,7 @@ def test_batch_squared_is_the_square_of_the_mean_loss_gradient_and_about_batch_s
     assert B / 2 < ratio < 2 * B, ratio
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook")
 def test_backpack_agrees():
     """BackPACK with CrossEntropyLoss(reduction='sum'): DiagGGNExact = N * exact Fisher (the GGN of
     softmax cross-entropy is its Fisher), SumGradSquared = N * empirical, BatchGrad = per-example
