@@ -56,16 +56,33 @@ def vit():
                              num_classes=3).to(D64)
 
 
+class Twice(nn.Module):
+    """One Linear called twice per forward: per-example gradients must be summed before squaring."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(torch.tanh(self.fc(x)))))
+
+
+def twice():
+    torch.manual_seed(4)
+    return Twice().to(D64)
+
+
 def data(name, n=10, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = {"mlp": lambda: torch.randn(n, 5, generator=g, dtype=D64),
+         "twice": lambda: torch.randn(n, 5, generator=g, dtype=D64),
          "text": lambda: torch.randint(0, 20, (n, 6), generator=g),
          "conv": lambda: torch.randn(n, 2, 6, 6, generator=g, dtype=D64),
          "vit": lambda: torch.randn(n, 1, 8, 8, generator=g, dtype=D64)}[name]()
     return x, torch.randint(0, 3, (n,), generator=g)
 
 
-MODELS = {"mlp": mlp, "text": text, "conv": conv, "vit": vit}
+MODELS = {"mlp": mlp, "text": text, "conv": conv, "vit": vit, "twice": twice}
 
 
 def batches(x, y, size):
@@ -354,6 +371,15 @@ def test_model_untouched_and_modes_restored():
     assert torch.equal(x, x0)
     assert not any(m._forward_hooks for m in model.modules())
     assert all(v.dtype == D64 and v.shape == before[k].shape for k, v in out.items())
+
+
+def test_low_precision_model_gives_float32():
+    model = mlp().to(torch.bfloat16)
+    x, y = data("mlp")
+    f = [fisher(model, [(x.to(torch.bfloat16), y)], "empirical", backend=be, progress=False)
+         for be in ("hooks", "loop")]
+    assert all(v.dtype == torch.float32 for v in f[0].values())
+    assert_close(f[0], f[1], 0.05)
 
 
 def test_seed_and_max_examples():
