@@ -31,6 +31,7 @@ from .batch import batch_size, logits as model_logits
 
 CHUNK_ELEMS = 2**24  # per-example gradients formed at most this many numbers at a time
 _Z_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> z names that passed
+_LOOKS_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # look-alike layer -> passed its check
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,7 +168,7 @@ def squared_sum(m: nn.Module, rule: tuple[Callable, Callable | None], x: Tensor,
     out: dict[str, Tensor] = {}
     for i in range(0, x.shape[0], step):
         for k, v in grads(m, x[i:i + step], g[i:i + step]).items():
-            s = (v * v).sum(0)
+            s = (v.square_() if v._base is None else v * v).sum(0)  # in place when not a view of x or g
             out[k] = out[k] + s if k in out else s
     return out
 
@@ -200,7 +201,7 @@ class HookEngine:
                 unsafe.update(own.values())
                 continue
             self.layers[m] = (found[0], own)
-            if found[1] is not None:
+            if found[1] is not None and not _LOOKS_OK.get(m, False):
                 self.pending[m] = found[1]
         self.hookable = {k for _, own in self.layers.values() for k in own.values()} - unsafe
         rest = [k for k in params if k not in self.hookable]
@@ -244,9 +245,11 @@ class HookEngine:
             return None
         rule, own = self.layers[m]
         x = args[0].detach()
-        if m in self.pending and not self._matches(out, m, x, self.pending.pop(m)):
-            self.hookable -= set(own.values())
-            self.loop += [k for k in own.values() if k not in self.loop]
+        if m in self.pending:
+            _LOOKS_OK[m] = self._matches(out, m, x, self.pending.pop(m))
+            if not _LOOKS_OK[m]:
+                self.hookable -= set(own.values())
+                self.loop += [k for k in own.values() if k not in self.loop]
         if not self.hookable & set(own.values()):
             return None
         for k in own.values():
