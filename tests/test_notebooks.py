@@ -1,0 +1,81 @@
+"""Every notebook: stripped in the repo, listed in _toc.yml, and runs top to bottom at TOOLKIT_SCALE=tiny."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+NB_DIR = ROOT / "notebooks"
+MASTERS = sorted(NB_DIR.glob("*.ipynb"))
+ALL = MASTERS + sorted((NB_DIR / "student").glob("*.ipynb"))
+THEORY = [p for p in MASTERS if re.match(r"0[1-4]_", p.name)]
+
+
+def _toc_files() -> list[str]:
+    def walk(node):
+        if isinstance(node, dict):
+            if "file" in node:
+                yield node["file"]
+            if "root" in node:
+                yield node["root"]
+            for v in node.values():
+                yield from walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from walk(v)
+    return list(walk(yaml.safe_load((ROOT / "_toc.yml").read_text())))
+
+
+def test_every_notebook_is_in_the_toc():
+    listed = {f.removesuffix(".ipynb").removesuffix(".md") for f in _toc_files()}
+    missing = [p.name for p in MASTERS if f"notebooks/{p.stem}" not in listed]
+    assert not missing, f"notebooks missing from _toc.yml: {missing}"
+    assert THEORY and len(THEORY) == 4
+
+
+def test_every_toc_entry_exists():
+    for f in _toc_files():
+        assert any((ROOT / f"{f}{ext}").is_file() for ext in ("", ".md", ".ipynb")), f"{f} in _toc.yml does not exist"
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: str(p.relative_to(ROOT)))
+def test_outputs_are_stripped(path):
+    nb = nbformat.read(path, as_version=4)
+    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
+    assert not dirty, f"{path.name}: cells {dirty} have outputs; strip them before committing"
+
+
+@pytest.mark.parametrize("path", MASTERS, ids=lambda p: p.name)
+def test_opens_with_scale_cell(path):
+    code = [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    assert len(code) >= 2 and "get_scale()" in code[1], f"{path.name}: the second code cell sets the scale"
+
+
+_MATH_OR_CODE = re.compile(r"```.*?```|\$\$.*?\$\$|\$[^$]*\$|\{[a-z:-]+\}`[^`]*`|`[^`]*`", re.S)
+
+
+@pytest.mark.parametrize("path", THEORY, ids=lambda p: p.name)
+def test_no_typed_results_in_prose(path):
+    """Computed numbers are glued, never typed: prose outside math/code has no decimal numbers."""
+    for c in nbformat.read(path, as_version=4).cells:
+        if c.cell_type == "markdown":
+            prose = _MATH_OR_CODE.sub(" ", c.source)
+            assert not re.search(r"(?<![\w.])\d+\.\d+", prose), f"{path.name}: typed number in {prose[:200]!r}"
+
+
+@pytest.mark.parametrize("path", MASTERS, ids=lambda p: p.name)
+def test_runs_at_tiny_scale(path, monkeypatch):
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("TOOLKIT_SCALE", "tiny")
+    monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(NB_DIR)}}).execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
