@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -124,7 +125,7 @@ def merge_checkpoints(base: PathLike, models: Sequence[PathLike], output: PathLi
                       fishers: Sequence[PathLike] | None = None, sizes: Sequence[float | None] | None = None,
                       base_fisher: PathLike | None = None, options: Mapping[str, Any] | None = None,
                       dtype: str | torch.dtype | None = None, shard_size: int | str = "5GB",
-                      overwrite: bool = False, progress: bool = True, chunk: int = 1 << 20,
+                      overwrite: bool = False, progress: bool = True, chunk: int = 1 << 18,
                       check_hash: bool = True) -> Summary:
     """Merge checkpoints on disk tensor by tensor into a new sharded safetensors directory.
 
@@ -174,7 +175,8 @@ def merge_checkpoints(base: PathLike, models: Sequence[PathLike], output: PathLi
             total = sum(s.nbytes for s in specs)
             try:
                 with tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({m.name})",
-                          disable=not progress) as bar:
+                          disable=not progress) as bar, warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
                     for spec in writer.order:
                         for out in ctx.merged(spec.name, whole=m.name not in ELEMENTWISE):
                             writer.write(spec.name, out)
@@ -182,6 +184,9 @@ def merge_checkpoints(base: PathLike, models: Sequence[PathLike], output: PathLi
                 writer.close()
             finally:
                 writer.abort()
+            if caught:  # one line for the whole merge rather than one per chunk
+                warnings.warn(f"{m.name} warned {len(caught)} time(s) while merging; the first: "
+                              f"{caught[0].message}", caught[0].category, stacklevel=2)
             copy_side_files(base_ck.dir, tmp, out_dtype)
         return Summary(Path(output), m.name, len(specs), len(writer.shards), ctx.bytes_read,
                        writer.bytes_written, time.perf_counter() - t0)

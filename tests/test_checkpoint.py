@@ -1,0 +1,133 @@
+"""Sharded safetensors on disk: reading by name and by chunk, planned shards + index, atomic output,
+and a clear MergeError for every broken input."""
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from toolkit.checkpoint import (INDEX, Checkpoint, atomic_dir, copy_side_files, fingerprint, parse_dtype,
+                                parse_size, read_header, save_checkpoint)
+from toolkit.errors import MergeError
+
+
+def mixed_state_dict():
+    g = torch.Generator().manual_seed(0)
+    return {"a.weight": torch.randn(13, 7, generator=g), "a.bias": torch.randn(7, generator=g).to(torch.bfloat16),
+            "b.half": torch.randn(3, 5, generator=g).half(), "b.double": torch.randn(4, generator=g).double(),
+            "ids": torch.arange(11), "mask": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5),
+            "empty": torch.zeros(0, 3)}
+
+
+def test_save_and_read_back_sharded(tmp_path):
+    sd = mixed_state_dict()
+    out = save_checkpoint(sd, tmp_path / "ck", shard_size=100)
+    index = json.loads((out / INDEX).read_text())
+    assert set(index["weight_map"]) == set(sd)
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in sd.values())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files == sorted(p.name for p in out.glob("*.safetensors"))
+    for f in files:  # safetensors' own reader agrees with the index, and shards respect the size
+        loaded = load_file(out / f)
+        assert set(loaded) == {k for k, v in index["weight_map"].items() if v == f}
+        nbytes = sum(v.numel() * v.element_size() for v in loaded.values())
+        assert nbytes <= 100 or len(loaded) == 1
+        for k, v in loaded.items():
+            assert v.dtype == sd[k].dtype and torch.equal(v, sd[k])
+    with Checkpoint(out) as ck:
+        assert set(ck.infos) == set(sd)
+        for k, v in sd.items():
+            assert torch.equal(ck.tensor(k), v)
+        assert torch.equal(ck.read("a.weight", start=20, count=9), sd["a.weight"].flatten()[20:29])
+        buf = torch.empty(50, dtype=torch.bfloat16)
+        assert torch.equal(ck.read("a.bias", buf, 2, 3), sd["a.bias"][2:5])
+
+
+def test_open_single_file_index_and_dir(tmp_path):
+    sd = {"x": torch.randn(4, 4), "y": torch.randn(2)}
+    save_file(sd, tmp_path / "m.safetensors")
+    assert torch.equal(Checkpoint(tmp_path / "m.safetensors").tensor("x"), sd["x"])
+    (tmp_path / "d").mkdir()
+    save_file(sd, tmp_path / "d" / "model.safetensors")
+    assert set(Checkpoint(tmp_path / "d").infos) == {"x", "y"}
+    out = save_checkpoint(sd, tmp_path / "s", shard_size=10)
+    assert torch.equal(Checkpoint(out / INDEX).tensor("y"), sd["y"])
+
+
+def test_broken_inputs_raise_merge_error(tmp_path):
+    out = save_checkpoint({"x": torch.randn(64), "y": torch.randn(64)}, tmp_path / "ck", shard_size=100)
+    shards = sorted(out.glob("*.safetensors"))
+    with pytest.raises(MergeError, match="does not exist"):
+        Checkpoint(tmp_path / "nope")
+    # truncated shard
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[:-10])
+    with pytest.raises(MergeError, match="truncated"):
+        Checkpoint(out)
+    # corrupt header
+    shards[1].write_bytes(struct.pack("<Q", 20) + b"{not json at all!!!}" + data[28:])
+    with pytest.raises(MergeError, match="corrupt"):
+        Checkpoint(out)
+    # header promising more data than the file holds
+    shards[1].write_bytes(struct.pack("<Q", 10**12) + b"x" * 30)
+    with pytest.raises(MergeError, match="truncated or not a safetensors"):
+        Checkpoint(out)
+    # missing shard
+    shards[1].unlink()
+    with pytest.raises(MergeError, match="missing"):
+        Checkpoint(out)
+    # a directory with PyTorch .bin weights only
+    (tmp_path / "bin").mkdir()
+    torch.save({"x": torch.zeros(1)}, tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(MergeError, match="convert"):
+        Checkpoint(tmp_path / "bin")
+    # shape and byte count disagree
+    bad = json.dumps({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}).encode()
+    (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", len(bad)) + bad + b"\0" * 8)
+    with pytest.raises(MergeError, match="bytes of data"):
+        read_header(tmp_path / "bad.safetensors")
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    dest = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(dest) as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_dir(dest) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(MergeError, match="already exists"):
+        with atomic_dir(dest):
+            pass
+    with atomic_dir(dest, overwrite=True) as tmp:
+        (tmp / "b").write_text("2")
+    assert sorted(p.name for p in dest.iterdir()) == ["b"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_fingerprint_and_side_files(tmp_path):
+    sd = mixed_state_dict()
+    out = save_checkpoint(sd, tmp_path / "ck", shard_size=100)
+    assert fingerprint(Checkpoint(out)) == fingerprint(sd)
+    other = dict(sd, **{"a.weight": sd["a.weight"] + 1e-3})
+    assert fingerprint(other) != fingerprint(sd)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text(json.dumps({"dtype": "float32", "hidden_size": 4}))
+    (tmp_path / "src" / "tokenizer.json").write_text("{}")
+    (tmp_path / "src" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "dst").mkdir()
+    assert copy_side_files(tmp_path / "src", tmp_path / "dst", torch.bfloat16) == ["config.json", "tokenizer.json"]
+    assert json.loads((tmp_path / "dst" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_parse_size_and_dtype():
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("1.5GiB") == int(1.5 * 2**30)
+    assert parse_size(1234) == 1234 and parse_size("500MB") == 5 * 10**8
+    assert parse_dtype("bf16") == torch.bfloat16 and parse_dtype("float16") == torch.float16
+    assert parse_dtype("F32") == torch.float32 and parse_dtype(None) is None
+    with pytest.raises(MergeError):
+        parse_size("lots")
+    with pytest.raises(MergeError):
+        parse_dtype("float7")
