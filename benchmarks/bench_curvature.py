@@ -4,8 +4,8 @@ with the per-example loop. Prints a table; not a test.
     python benchmarks/bench_curvature.py [--repeats 5] [--threads 2] [--batch 64] [--quick]
 
 Each time is the median over repeats of one batch of `--batch` examples; "x step" divides by the
-median time of a training step (forward + backward of the mean loss) on the same batch, measured in
-the same run. Baselines: the per-example loop backend, torch.func vmap(grad) and (MLP only)
+median time of a training step (forward + backward of the mean loss) on the same batch, measured
+alternately with that row's estimator in the same run (robust to changing machine load). Baselines: the per-example loop backend, torch.func vmap(grad) and (MLP only)
 BackPACK SumGradSquared. Target: mc and empirical within 3x a training step on both models.
 """
 from __future__ import annotations
@@ -39,16 +39,20 @@ def vit() -> nn.Module:
                              depth=5, num_heads=3, mlp_ratio=4.0)
 
 
-def timed(fn, repeats: int, warmup: int = 1) -> tuple[float, object]:
-    """Median wall time of `repeats` calls after `warmup` untimed ones, and the last result."""
+def timed(fn, step, repeats: int, warmup: int = 1) -> tuple[float, float, object]:
+    """Median wall time of `fn` and of a training step `step`, run alternately (so both see the
+    same machine load), after `warmup` untimed calls of fn; and fn's last result."""
     for _ in range(warmup):
         fn()
-    times, out = [], None
+    t_fn, t_step, out = [], [], None
     for _ in range(repeats):
         t = time.perf_counter()
+        step()
+        t_step.append(time.perf_counter() - t)
+        t = time.perf_counter()
         out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+        t_fn.append(time.perf_counter() - t)
+    return statistics.median(t_fn), statistics.median(t_step), out
 
 
 def train_step(model: nn.Module, x, y) -> None:
@@ -89,35 +93,36 @@ def diff(a: dict, b: dict) -> tuple[float, float]:
 
 def run(name: str, model: nn.Module, x, y, repeats: int, loop_repeats: int) -> list[tuple]:
     model.eval()
-    step, _ = timed(lambda: train_step(model, x, y), repeats)
-    model.zero_grad(set_to_none=True)
-    rows = [(name, "training step", "", step, 1.0, "", "")]
-    batch = [(x, y)]
-    ref = {}
+    step = lambda: train_step(model, x, y)  # noqa: E731
+    for _ in range(2):
+        step()
+    rows, steps, ref, batch = [], [], {}, [(x, y)]
+
+    def row(kind, backend, fn, reference, n=repeats, warmup=1):
+        t, t_step, got = timed(fn, step, n, warmup)
+        model.zero_grad(set_to_none=True)
+        steps.append(t_step)
+        a, r = ("ref", "ref") if reference is None else (f"{v:.1e}" for v in diff(got, reference))
+        rows.append((name, kind, backend, t, t / t_step, a, r))
+        return got
+
     for kind in ("exact", "mc", "empirical", "batch_squared"):
-        t_loop, ref[kind] = timed(lambda: fisher(model, batch, kind, backend="loop", seed=0, progress=False),
-                                  loop_repeats, warmup=0)
-        t_hooks, got = timed(lambda: fisher(model, batch, kind, backend="hooks", seed=0, progress=False), repeats)
-        a, r = diff(got, ref[kind])
-        rows.append((name, kind, "hooks", t_hooks, t_hooks / step, f"{a:.1e}", f"{r:.1e}"))
-        rows.append((name, kind, "loop", t_loop, t_loop / step, "ref", "ref"))
+        ref[kind] = row(kind, "loop", lambda: fisher(model, batch, kind, backend="loop", progress=False),
+                        None, loop_repeats, 0)
+        row(kind, "hooks", lambda: fisher(model, batch, kind, backend="hooks", progress=False), ref[kind])
     for m in model.modules():  # vmap needs timm's non-fused attention path
         if hasattr(m, "fused_attn"):
             m.fused_attn = False
-    t, got = timed(lambda: vmap_empirical(model, x, y), repeats)
-    a, r = diff(got, ref["empirical"])
-    rows.append((name, "empirical", "vmap", t, t / step, f"{a:.1e}", f"{r:.1e}"))
+    row("empirical", "vmap", lambda: vmap_empirical(model, x, y), ref["empirical"])
     if name.startswith("MLP"):
         try:
             bp = copy.deepcopy(model)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                t, got = timed(lambda: backpack_empirical(bp, x, y), repeats)
-            a, r = diff(got, ref["empirical"])
-            rows.append((name, "empirical", "backpack", t, t / step, f"{a:.1e}", f"{r:.1e}"))
+                row("empirical", "backpack", lambda: backpack_empirical(bp, x, y), ref["empirical"])
         except ImportError:
             pass
-    return rows
+    return [(name, "training step", "", statistics.median(steps), 1.0, "", "")] + rows
 
 
 def main() -> None:
