@@ -282,24 +282,30 @@ class HookEngine:
             for a, v in squared_sum(m, rule, x, g).items():
                 if a in mine:
                     self.acc[mine[a]] += v
-        else:  # a parameter used by several calls (tied weights): sum per-example grads first
-            for a, v in rule[0](m, x, g).items():
-                if a in mine:
-                    k = mine[a]
-                    self.buf[k] = self.buf[k] + v if k in self.buf else v
+        else:  # a parameter used by several calls (tied weights): square the per-example SUM later
+            for a, k in mine.items():
+                self.deferred.setdefault(k, []).append((m, rule, a, x, g))
+
+    def _add_deferred(self) -> None:
+        """sum_n (sum over calls of g_n)^2 for shared parameters, chunked over examples."""
+        for k, calls in self.deferred.items():
+            B = calls[0][3].shape[0]
+            step = max(1, CHUNK_ELEMS // self.params[k].numel())
+            for i in range(0, B, step):
+                total = sum(rule[0](m, x[i:i + step], g[i:i + step])[a] for m, rule, a, x, g in calls)
+                self.acc[k] += total.square_().sum(0)
+        self.deferred = {}
 
     def backward(self, logits: Tensor, G: Tensor) -> None:
         """One backward pass of the per-example losses with output gradient G: acc += sum_n g_n^2."""
-        self.buf: dict[str, Tensor] = {}
+        self.deferred: dict[str, list] = {}
         zs = list(self.z.values())
         self.on = True
         try:
             got = torch.autograd.grad(logits, [self.dummy] + zs, G, retain_graph=True, allow_unused=True)
         finally:
             self.on = False
-        for k, v in self.buf.items():
-            self.acc[k] += (v * v).sum(0)
-        self.buf = {}
+        self._add_deferred()
         zgrads = dict(zip(self.z, got[1:]))
         if zgrads and not self.zchecked:
             self._check_z(zgrads, logits, G)
