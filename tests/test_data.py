@@ -1,0 +1,101 @@
+"""Embedded vision data (checksums, corruption, missing files) and torchvision loading from a fake root."""
+import gzip
+import re
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from toolkit import data as D
+from toolkit import vision as V
+from toolkit.errors import MergeError
+
+
+@pytest.mark.parametrize("name", sorted(D.EMBEDDED))
+def test_embedded_arrays_load_with_their_checksum(name):
+    a = D.load_arrays(name)
+    assert a["x_train"].dtype == np.uint8 and a["y_train"].dtype == np.int64
+    assert a["x_train"].shape[0] == a["y_train"].shape[0] and a["x_test"].shape[0] == a["y_test"].shape[0]
+    counts = np.bincount(a["y_test"])
+    assert len(counts) == 10 and counts.min() == counts.max()  # class-balanced test split
+    card = (D.DATA_DIR / f"{name}.md").read_text()
+    assert D.EMBEDDED[name] in card and "Licence" in card
+    assert re.search(r"CC BY-SA 3.0|MIT|BSD-3", card)
+
+
+def test_corrupt_file_is_a_clear_error(tmp_path):
+    shutil.copy(D.DATA_DIR / "digits.npz", tmp_path / "digits.npz")
+    raw = bytearray((tmp_path / "digits.npz").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (tmp_path / "digits.npz").write_bytes(bytes(raw))
+    with pytest.raises(MergeError, match="corrupt"):
+        D.load_arrays("digits", tmp_path)
+
+
+def test_missing_file_and_unknown_name(tmp_path):
+    with pytest.raises(MergeError, match="missing"):
+        D.load_arrays("mnist", tmp_path)
+    with pytest.raises(MergeError, match="unknown embedded"):
+        D.load_arrays("cifar10")
+
+
+def test_tasks_see_disjoint_halves_and_their_transform():
+    a = D.load_arrays("mnist")
+    (mn, _), (rot, _) = (V.task_data(t, "small") for t in V.SMALL_TASKS if t.source == "mnist")
+    assert len(mn) + len(rot) == len(a["x_train"])
+    x_rot = rot.tensors[0][0, 0]
+    x_src = torch.from_numpy(a["x_train"][1]).float() / 255
+    assert torch.allclose(x_rot, torch.rot90(x_src, 1, (0, 1)))
+    dig, _ = V.task_data(V.SMALL_TASKS[2], "small")
+    assert dig.tensors[0].shape[1:] == (1, 28, 28)
+    small, _ = V.task_data(V.SMALL_TASKS[1], "small", n_train=50)
+    assert len(small) == 50
+
+
+# --- full scale: torchvision layout, download=False ---------------------------------------------
+
+def _idx(path, arr):
+    with open(path, "wb") as f:
+        f.write(struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape))
+        f.write(arr.astype(np.uint8).tobytes())
+
+
+def fake_root(root, n=12):
+    """The files torchvision's MNIST, FashionMNIST and EuroSAT look for, with random content."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for name in ("MNIST", "FashionMNIST"):
+        raw = root / name / "raw"
+        raw.mkdir(parents=True)
+        for split, m in (("train", n), ("t10k", n // 2)):
+            _idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (m, 28, 28)))
+            _idx(raw / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, m))
+    for c in ("AnnualCrop", "Forest"):
+        d = root / "eurosat" / "2750" / c
+        d.mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(d / f"{c}_{i}.jpg")
+    return root
+
+
+def test_full_scale_reads_a_local_torchvision_root(tmp_path):
+    root = fake_root(tmp_path)
+    tr, te = V.task_data(V.Task("MNIST", "MNIST"), "full", root=str(root))
+    assert (len(tr), len(te)) == (12, 6)
+    x, y = tr[0]
+    assert x.shape == (3, 224, 224) and 0 <= int(y) < 10
+    tr, te = V.task_data(V.Task("EuroSAT", "EuroSAT"), "full", root=str(root))
+    assert (len(tr), len(te)) == (8, 2)  # every 5th image is the test set
+    assert te[0][0].shape == (3, 224, 224)
+    assert len(D.load_torchvision("FashionMNIST", root, train=False)) == 6
+
+
+def test_full_scale_without_the_data_is_a_clear_error(tmp_path):
+    with pytest.raises(MergeError, match="not found"):
+        V.task_data(V.Task("SVHN", "SVHN"), "full", root=str(tmp_path))
+    with pytest.raises(MergeError, match="root="):
+        V.task_data(V.Task("MNIST", "MNIST"), "full")
+    with pytest.raises(MergeError, match="unknown torchvision"):
+        D.load_torchvision("ImageNet", tmp_path, train=True)

@@ -1,0 +1,433 @@
+"""The vision experiment of the book, as one function and a command line:
+
+    python -m toolkit.experiments vision --scale small --seed 0 --out results/vision.csv
+
+Pipeline: base ViT (trained on a mix of all source domains, or timm weights at `full`) ->
+fine-tune each task (shared backbone + own head, Gaussian prior H_0 = delta I at theta_0) ->
+diagonal Fishers (every estimator) -> merge the backbones with every method over an alpha grid
+(heads are never merged) -> accuracy on every task -> one tidy table. Also: the multi-task model
+(all tasks at once), sweeps over the Fisher estimator, the number of Fisher examples and delta,
+and the gradient mismatch of merges of every size (the paper's Figure 1 analogue). Trained
+models, Fishers and each evaluated merge are cached on disk (`toolkit.cache`).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import cache, vision as V
+from .errors import MergeError
+from .merge import merge_state_dicts
+from .scale import SCALES, get_scale, pick
+
+StateDict = Mapping[str, Tensor]
+METHODS = ("average", "task_arithmetic", "ties", "dare", "fisher_average", "gradient_matching")
+NO_ALPHA = ("average", "fisher_average")  # with one common alpha, alpha cancels out of these
+
+
+@dataclass(frozen=True)
+class VisionSetup:
+    """Every number the experiment depends on (the cache keys are hashes of parts of it)."""
+    scale: str
+    seed: int
+    vit: V.ViTConfig
+    tasks: tuple[V.Task, ...]
+    n_train: int | None          # cap per task (None: the whole embedded training split)
+    n_test: int | None
+    batch_size: int
+    pretrain_steps: int
+    pretrain_lr: float
+    finetune_epochs: float
+    finetune_lr: float
+    delta: float                 # H_0 = delta I: the prior of fine-tuning and of gradient matching
+    fisher_kind: str             # the estimator of the main comparison
+    fisher_kinds: tuple[str, ...]
+    fisher_examples: int | None  # examples per Fisher (None: the whole training set)
+    fisher_example_grid: tuple[int, ...]
+    alphas: tuple[float, ...]
+    deltas: tuple[float, ...]    # the delta sweep of gradient matching
+    mismatch_examples: int       # examples per task for the gradients of the mismatch
+    subsets_per_size: int | None
+    ties_density: float = 0.2
+    dare_p: float = 0.5
+    fisher_floor: float = 1e-12  # Fisher averaging: avoids 0/0 where every Fisher is zero
+    data_root: str | None = None
+    device: str = "cpu"
+
+
+def setup(scale: str | None = None, seed: int = 0, **overrides: Any) -> VisionSetup:
+    """The experiment's settings at a scale (tiny: seconds, small: minutes on 2 CPU cores,
+    full: GPU with timm's pretrained ViT-B/32 and torchvision data under `data_root`)."""
+    scale = scale or get_scale()
+    if scale not in SCALES:
+        raise MergeError(f"scale must be one of {SCALES}, got {scale!r}")
+    p = lambda tiny, small, full: pick(tiny, small, full, scale)  # noqa: E731
+    s = VisionSetup(
+        scale=scale, seed=seed, vit=V.VIT[scale], tasks=V.tasks_for(scale),
+        n_train=p(192, None, None), n_test=p(96, 300, 2000), batch_size=p(64, 64, 128),
+        pretrain_steps=p(150, 500, 0), pretrain_lr=2e-3,
+        finetune_epochs=p(5, 2, 2), finetune_lr=p(2e-3, 1e-3, 1e-5),
+        delta=p(1.0, 1.0, 1.0), fisher_kind="mc",
+        fisher_kinds=("mc", "exact", "empirical", "batch_squared"),
+        fisher_examples=p(64, 512, 2048), fisher_example_grid=p((16,), (32, 128), (64, 256, 1024)),
+        alphas=p((0.3, 1.0), (0.1, 0.3, 0.5, 0.7, 1.0), (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)),
+        deltas=p((1e3,), (1e-4, 1e-2, 1e2, 1e4), (1e-4, 1e-2, 1e2, 1e4)),
+        mismatch_examples=p(32, 128, 1024), subsets_per_size=p(1, 3, 3),
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
+    return replace(s, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# trained things (cached by configuration)
+# ---------------------------------------------------------------------------------------------
+
+def _key(obj: Any) -> Any:
+    return V.config_dict(obj) if not isinstance(obj, (str, int, float, type(None))) else obj
+
+
+def base_backbone(s: VisionSetup, progress: bool = True) -> tuple[dict[str, Tensor], dict]:
+    """theta_0: the backbone trained on the mix of all source domains (or timm's weights)."""
+    cfg = {"vit": _key(s.vit), "seed": s.seed, "steps": s.pretrain_steps, "lr": s.pretrain_lr,
+           "bs": s.batch_size, "n": s.n_train}
+    if s.scale == "full":
+        return V.make_backbone(s.vit, pretrained=True).state_dict(), cfg
+
+    def compute():
+        bb = V.make_backbone(s.vit, seed=s.seed)
+        head = V.make_head(s.vit, 30, seed=s.seed)
+        mix = V.pretrain_data(s.scale, s.n_train, s.data_root)
+        V.fit(bb, [head], [mix], steps=s.pretrain_steps, batch_size=s.batch_size, lr=s.pretrain_lr,
+              seed=s.seed, device=s.device, progress=progress, desc="pretrain base")
+        return {k: v.cpu() for k, v in bb.state_dict().items()}
+    return cache.cached("vision-base", cfg, compute), cfg
+
+
+def _steps(s: VisionSetup, n: int) -> int:
+    return max(1, math.ceil(s.finetune_epochs * n / s.batch_size))
+
+
+def finetune(s: VisionSetup, base: StateDict, base_cfg: dict, task: V.Task, train, progress=True):
+    """theta_t and its head: fine-tune from theta_0 on one task with the prior delta/N_t per example."""
+    n = len(train)
+    cfg = {"base": base_cfg, "task": _key(task), "epochs": s.finetune_epochs, "lr": s.finetune_lr,
+           "delta": s.delta, "n": n}
+
+    def compute():
+        bb = V.make_backbone(s.vit)
+        bb.load_state_dict(base)
+        head = V.make_head(s.vit, task.n_classes, seed=s.seed)
+        V.fit(bb, [head], [train], steps=_steps(s, n), batch_size=s.batch_size, lr=s.finetune_lr,
+              seed=s.seed, prior=base, prior_precision=s.delta / n, device=s.device, progress=progress,
+              desc=f"fine-tune {task.name}")
+        return {"backbone": {k: v.cpu() for k, v in bb.state_dict().items()},
+                "head": {k: v.cpu() for k, v in head.state_dict().items()}}
+    return cache.cached("vision-finetune", cfg, compute), cfg
+
+
+def multitask(s: VisionSetup, base: StateDict, base_cfg: dict, trains: Sequence, progress=True):
+    """The upper bound: one backbone trained on all tasks at once (round-robin), one head each."""
+    n = sum(len(t) for t in trains)
+    cfg = {"base": base_cfg, "tasks": _key(s.tasks), "epochs": s.finetune_epochs, "lr": s.finetune_lr,
+           "delta": s.delta, "n": n}
+
+    def compute():
+        bb = V.make_backbone(s.vit)
+        bb.load_state_dict(base)
+        heads = [V.make_head(s.vit, t.n_classes, seed=s.seed) for t in s.tasks]
+        V.fit(bb, heads, trains, steps=sum(_steps(s, len(t)) for t in trains), batch_size=s.batch_size,
+              lr=s.finetune_lr, seed=s.seed, prior=base, prior_precision=s.delta / n, device=s.device,
+              progress=progress, desc="multi-task")
+        return {"backbone": {k: v.cpu() for k, v in bb.state_dict().items()},
+                "heads": [{k: v.cpu() for k, v in h.state_dict().items()} for h in heads]}
+    return cache.cached("vision-multitask", cfg, compute)
+
+
+def task_fisher(s: VisionSetup, ft: dict, ft_cfg: dict, task: V.Task, train, kind: str,
+                examples: int | None) -> dict[str, Tensor]:
+    """Per-example mean diagonal Fisher F_t of the backbone at theta_t (toolkit.curvature)."""
+    from .curvature import fisher
+    cfg = {"ft": ft_cfg, "kind": kind, "examples": examples, "seed": s.seed}
+
+    def compute():
+        model = V.task_model(s.vit, ft["backbone"], ft["head"], task.n_classes).to(s.device)
+        batches = ((x.to(s.device), y.to(s.device)) for x, y in V.loader(train, s.batch_size))
+        f = fisher(model, batches, kind, seed=s.seed, progress=False, max_examples=examples,
+                   params=lambda name: name.startswith("backbone."))
+        return {k: v.cpu() for k, v in V.backbone_keys(f).items()}
+    return cache.cached("vision-fisher", cfg, compute)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------------
+
+class Evaluator:
+    """Accuracy of a backbone with each task's own head; one reusable backbone module."""
+
+    def __init__(self, s: VisionSetup, heads: Sequence[StateDict], tests: Sequence):
+        self.s, self.tests = s, tests
+        self.backbone = V.make_backbone(s.vit).to(s.device).eval()
+        self.heads = []
+        for t, h in zip(s.tasks, heads):
+            head = V.make_head(s.vit, t.n_classes)
+            head.load_state_dict(h)
+            self.heads.append(head.to(s.device).eval())
+
+    def __call__(self, backbone: StateDict, which: Sequence[int] | None = None,
+                 heads: Sequence[StateDict] | None = None) -> dict[int, float]:
+        self.backbone.load_state_dict(backbone)
+        out = {}
+        for i in (range(len(self.tests)) if which is None else which):
+            head = self.heads[i]
+            if heads is not None:
+                head = copy.deepcopy(head)
+                head.load_state_dict(heads[i])
+            out[i] = V.accuracy(V.TaskModel(self.backbone, head), self.tests[i], device=self.s.device)
+        return out
+
+
+def summed_gradient(s: VisionSetup, backbone: StateDict, head: StateDict, task: V.Task, train) -> dict[str, Tensor]:
+    """grad of lbar_t (the SUMMED loss over the N_t training examples) w.r.t. the backbone,
+    estimated on the first `mismatch_examples` examples and scaled by N_t / n."""
+    from .train import loss_gradient
+    model = V.task_model(s.vit, backbone, head, task.n_classes).to(s.device)
+    n = min(len(train), s.mismatch_examples)
+    sub = torch.utils.data.Subset(train, range(n))
+    batches = ((x.to(s.device), y.to(s.device)) for x, y in V.loader(sub, s.batch_size))
+    g = loss_gradient(model, batches)
+    return {k: v.cpu() * (len(train) / n) for k, v in V.backbone_keys(g).items()}
+
+
+def _merge(s: VisionSetup, method: str, base: StateDict, fts: Sequence[StateDict], alpha: float,
+           fishers=None, sizes=None, delta: float | None = None) -> dict[str, Tensor]:
+    T = len(fts)
+    kw: dict[str, Any] = {}
+    alphas = [alpha] * T
+    if method == "ties":
+        alphas, kw = [1.0] * T, {"density": s.ties_density, "lam": alpha}
+    elif method == "dare":
+        kw = {"p": s.dare_p, "seed": s.seed}
+    elif method == "fisher_average":
+        kw = {"fishers": fishers, "sizes": sizes, "fisher_floor": s.fisher_floor}
+    elif method == "gradient_matching":
+        kw = {"fishers": fishers, "sizes": sizes, "delta": s.delta if delta is None else delta}
+    return merge_state_dicts(method, base, fts, alphas, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# the experiment
+# ---------------------------------------------------------------------------------------------
+
+def run_vision(s: VisionSetup | None = None, *, progress: bool = True) -> pd.DataFrame:
+    """Run (or load from the cache) everything; return the tidy table, one row per
+    (study, method, fisher estimator, #Fisher examples, alpha, delta, merged tasks, evaluated task)."""
+    s = s or setup()
+    with V.fast_cpu():
+        return _run_vision(s, progress)
+
+
+def artifacts(s: VisionSetup, progress: bool = True) -> dict[str, Any]:
+    """Data, theta_0, the fine-tuned models and the main Fishers (all from the cache once made):
+    what a notebook needs to look inside the merge beyond the results table."""
+    data = [V.task_data(t, s.scale, n_train=s.n_train, n_test=s.n_test, root=s.data_root, seed=s.seed)
+            for t in s.tasks]
+    trains, tests = [d[0] for d in data], [d[1] for d in data]
+    with V.fast_cpu():
+        base, base_cfg = base_backbone(s, progress)
+        fts, ft_cfgs = zip(*[finetune(s, base, base_cfg, t, tr, progress) for t, tr in zip(s.tasks, trains)])
+        fishers = [task_fisher(s, ft, c, t, tr, s.fisher_kind, s.fisher_examples)
+                   for ft, c, t, tr in zip(fts, ft_cfgs, s.tasks, trains)]
+    return {"names": [t.name for t in s.tasks], "trains": trains, "tests": tests,
+            "sizes": [float(len(t)) for t in trains], "base": base, "base_cfg": base_cfg,
+            "finetuned": list(fts), "ft_cfgs": list(ft_cfgs), "fishers": fishers}
+
+
+def _run_vision(s: VisionSetup, progress: bool) -> pd.DataFrame:
+    A = artifacts(s, progress)
+    trains, tests, sizes, names = A["trains"], A["tests"], A["sizes"], A["names"]
+    base, base_cfg, fts, ft_cfgs = A["base"], A["base_cfg"], A["finetuned"], A["ft_cfgs"]
+    bbs = [ft["backbone"] for ft in fts]
+    ev = Evaluator(s, [ft["head"] for ft in fts], tests)
+    eval_key = {"ft": list(ft_cfgs), "n_test": s.n_test}
+    rows: list[dict] = []
+
+    def record(study: str, method: str, acc: Mapping[int, float], **extra):
+        for i, a in acc.items():
+            rows.append({"study": study, "method": method, "task": names[i], "accuracy": a, **extra})
+
+    def evaluated(what: dict, make) -> dict[int, float]:
+        """Accuracy of a merge, cached by what made it."""
+        res = cache.cached("vision-eval", {**eval_key, **what}, lambda: ev(make(), what.get("which")))
+        return {int(k): v for k, v in res.items()}
+
+    individual = {i: cache.cached("vision-eval", {**eval_key, "individual": i}, lambda i=i: ev(bbs[i], [i])[i])
+                  for i in range(len(fts))}
+    record("individual", "individual", individual)
+    mt = multitask(s, base, base_cfg, trains, progress)
+    record("multitask", "multitask",
+           cache.cached("vision-eval", {**eval_key, "multitask": True}, lambda: ev(mt["backbone"], heads=mt["heads"])))
+
+    fisher = lambda kind, ex: [task_fisher(s, ft, c, t, tr, kind, ex)  # noqa: E731
+                               for ft, c, t, tr in zip(fts, ft_cfgs, s.tasks, trains)]
+    jobs = []  # (study, method, kind, examples, alpha, delta)
+    for m in METHODS:
+        for a in ([1.0] if m in NO_ALPHA else s.alphas):
+            jobs.append(("merge", m, s.fisher_kind, s.fisher_examples, a, s.delta))
+    for kind in s.fisher_kinds:
+        if kind != s.fisher_kind:
+            jobs += [("fisher", "fisher_average", kind, s.fisher_examples, 1.0, s.delta)]
+            jobs += [("fisher", "gradient_matching", kind, s.fisher_examples, a, s.delta) for a in s.alphas]
+    for ex in s.fisher_example_grid:
+        jobs += [("fisher_examples", "fisher_average", s.fisher_kind, ex, 1.0, s.delta)]
+        jobs += [("fisher_examples", "gradient_matching", s.fisher_kind, ex, a, s.delta) for a in s.alphas]
+    for d in s.deltas:
+        jobs += [("delta", "gradient_matching", s.fisher_kind, s.fisher_examples, a, d) for a in s.alphas]
+
+    fishers: dict[tuple, list] = {}
+    for study, m, kind, ex, a, d in tqdm(jobs, desc="merges", disable=not progress):
+        uses_f = m in ("fisher_average", "gradient_matching")
+        if uses_f and (kind, ex) not in fishers:
+            fishers[(kind, ex)] = fisher(kind, ex)
+        f = fishers.get((kind, ex)) if uses_f else None
+        what = {"method": m, "alpha": a, "delta": d if m == "gradient_matching" else None,
+                "fisher": [kind, ex] if uses_f else None, "ties": s.ties_density, "dare": s.dare_p}
+        acc = evaluated(what, lambda: _merge(s, m, base, bbs, a, f, sizes, d))
+        record(study, m, acc, alpha=None if m in NO_ALPHA else a, delta=d if m == "gradient_matching" else None,
+               fisher=kind if uses_f else None, fisher_examples=ex if uses_f else None,
+               n_tasks=len(bbs), tasks="+".join(names))
+    rows += mismatch_study(s, base, fts, trains, fishers[(s.fisher_kind, s.fisher_examples)], sizes, evaluated,
+                           progress)
+
+    df = pd.DataFrame(rows)
+    ind = dict(zip(names, [individual[i] for i in range(len(names))]))
+    df["individual"] = df["task"].map(ind)
+    df["normalised"] = df["accuracy"] / df["individual"]
+    df.insert(0, "seed", s.seed)
+    df.insert(0, "scale", s.scale)
+    cols = ["scale", "seed", "study", "method", "fisher", "fisher_examples", "alpha", "delta", "n_tasks",
+            "tasks", "task", "accuracy", "individual", "normalised", "mismatch"]
+    for c in cols:
+        if c not in df:
+            df[c] = None
+    return df[cols]
+
+
+def mismatch_study(s: VisionSetup, base, fts, trains, fishers, sizes, evaluated, progress=True) -> list[dict]:
+    """Merges of task subsets of every size (task arithmetic and gradient matching, alpha_t = 1,
+    the all-data target): test accuracy and ||m(theta)||, m = sum_t [grad lbar_t(theta) - grad lbar_t(theta_t)]."""
+    from .mismatch import gradient_mismatch, total_norm
+    names = [t.name for t in s.tasks]
+    at_task = [cache.cached("vision-grad", {"ft": i, "eval": _key(s), "theta": "task"},
+                            lambda i=i: summed_gradient(s, fts[i]["backbone"], fts[i]["head"], s.tasks[i], trains[i]))
+               for i in range(len(fts))]
+    rows = []
+    subs = V.subsets(len(fts), 2, s.subsets_per_size, s.seed)
+    for sub in tqdm([(m, sub) for sub in subs for m in ("task_arithmetic", "gradient_matching")],
+                    desc="mismatch", disable=not progress):
+        m, sub = sub
+        what = {"method": m, "subset": list(sub), "alpha": 1.0, "delta": s.delta,
+                "fisher": [s.fisher_kind, s.fisher_examples], "which": list(sub)}
+        merged = None
+
+        def make():
+            nonlocal merged
+            merged = merged or _merge(s, m, base, [fts[i]["backbone"] for i in sub], 1.0,
+                                      [fishers[i] for i in sub], [sizes[i] for i in sub])
+            return merged
+
+        acc = evaluated(what, make)
+
+        def mism():
+            g = [summed_gradient(s, make(), fts[i]["head"], s.tasks[i], trains[i]) for i in sub]
+            return total_norm(gradient_mismatch(g, [at_task[i] for i in sub]))
+        norm = cache.cached("vision-grad", {"what": what, "eval": _key(s)}, mism)
+        for i in sub:
+            rows.append({"study": "subsets", "method": m, "alpha": 1.0,
+                         "delta": s.delta if m == "gradient_matching" else None,
+                         "fisher": s.fisher_kind if m == "gradient_matching" else None,
+                         "fisher_examples": s.fisher_examples if m == "gradient_matching" else None,
+                         "n_tasks": len(sub), "tasks": "+".join(names[j] for j in sub), "task": names[i],
+                         "accuracy": acc[i], "mismatch": norm})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# summaries
+# ---------------------------------------------------------------------------------------------
+
+def by_alpha(df: pd.DataFrame, study: str = "merge") -> pd.DataFrame:
+    """Mean accuracy and normalised accuracy over tasks for each (method, alpha) of a study."""
+    d = df[df["study"] == study].copy()
+    d["alpha"] = d["alpha"].fillna(-1.0)
+    keys = ["method", "fisher", "fisher_examples", "alpha", "delta"]
+    g = d.fillna({"fisher": "-", "fisher_examples": -1, "delta": -1}).groupby(keys, sort=False)
+    out = g[["accuracy", "normalised"]].mean().reset_index()
+    out = out.replace({"fisher": {"-": None}, "fisher_examples": {-1: None}, "delta": {-1: None},
+                       "alpha": {-1.0: None}})
+    return out
+
+
+def summary(df: pd.DataFrame, study: str = "merge") -> pd.DataFrame:
+    """Per method: the best alpha, the mean normalised accuracy there, and its spread (max - min)
+    over the alpha grid (0 for methods where a common alpha cancels out)."""
+    a = by_alpha(df, study)
+    g = a.groupby("method", sort=False)["normalised"]
+    best = a.loc[g.idxmax()].set_index("method")
+    out = pd.DataFrame({"best_alpha": best["alpha"], "best_normalised": g.max(), "spread": g.max() - g.min(),
+                        "best_accuracy": best["accuracy"]})
+    return out
+
+
+def write_csv(df: pd.DataFrame, out: str | Path) -> None:
+    """Write atomically: a temporary file in the same folder, then rename."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".csv.tmp")
+    os.close(fd)
+    try:
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m toolkit.experiments", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="experiment", required=True)
+    v = sub.add_parser("vision", help="merge ViTs fine-tuned on several vision tasks")
+    v.add_argument("--scale", choices=SCALES, default=None, help="default: $TOOLKIT_SCALE or small")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--out", default="results/vision.csv")
+    v.add_argument("--data-root", default=None, help="folder of torchvision data sets (full scale)")
+    v.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        s = setup(args.scale, args.seed, data_root=args.data_root)
+        t0 = time.time()
+        df = run_vision(s, progress=not args.no_progress)
+    except MergeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_csv(df, args.out)
+    print(summary(df).to_string(float_format=lambda x: f"{x:.3f}"))
+    print(f"wrote {len(df)} rows to {args.out} in {time.time() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
