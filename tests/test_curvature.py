@@ -72,17 +72,34 @@ def twice():
     return Twice().to(D64)
 
 
+class OnePlusRMSNorm(nn.Module):
+    """Gemma-style RMSNorm, y = (1 + w) x / rms(x): looks like an RMSNorm but is not w x / rms(x)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(0.1 * torch.randn(d)), 1e-6
+
+    def forward(self, x):
+        return (1 + self.weight) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+def norms():
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Linear(5, 6), nn.RMSNorm(6), nn.Tanh(), OnePlusRMSNorm(6), nn.Linear(6, 3)).to(D64)
+
+
 def data(name, n=10, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = {"mlp": lambda: torch.randn(n, 5, generator=g, dtype=D64),
          "twice": lambda: torch.randn(n, 5, generator=g, dtype=D64),
+         "norms": lambda: torch.randn(n, 5, generator=g, dtype=D64),
          "text": lambda: torch.randint(0, 20, (n, 6), generator=g),
          "conv": lambda: torch.randn(n, 2, 6, 6, generator=g, dtype=D64),
          "vit": lambda: torch.randn(n, 1, 8, 8, generator=g, dtype=D64)}[name]()
     return x, torch.randint(0, 3, (n,), generator=g)
 
 
-MODELS = {"mlp": mlp, "text": text, "conv": conv, "vit": vit, "twice": twice}
+MODELS = {"mlp": mlp, "text": text, "conv": conv, "vit": vit, "twice": twice, "norms": norms}
 
 
 def batches(x, y, size):
@@ -183,6 +200,16 @@ def test_z_trick_falls_back_to_the_loop_where_it_would_be_wrong(use):
         z = eng.forward(x)
         eng.backward(z, torch.randn_like(z))
     assert eng.zparams == [] and eng.loop == ["shift"]
+
+
+def test_rmsnorm_hooked_and_a_look_alike_that_differs_is_looped():
+    from toolkit.curvature import select_params
+    from toolkit.persample import HookEngine
+    model = norms()
+    chosen, _ = select_params(model, None)
+    with HookEngine(model.eval(), chosen, {k: torch.zeros_like(p) for k, p in chosen.items()}) as eng:
+        eng.forward(data("norms", 3)[0])
+    assert eng.loop == ["3.weight"] and "1.weight" in eng.hookable
 
 
 def test_mc_converges_to_exact_within_its_own_standard_error():

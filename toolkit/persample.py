@@ -6,8 +6,9 @@ output gradient g_n = dl_n/dy_n, e.g. nn.Linear: dW_n = sum_t g_nt x_nt^T, so fo
 sum_n dW_n^2 = (g^2)^T (x^2) is one matmul. A forward hook stores x and puts a tensor hook on y;
 the tensor hook turns (x, g) into squared per-example gradients while the backward pass runs, so
 the whole model's per-example gradients never exist at once. Covered: nn.Linear, nn.Conv1d/2d
-(unfold), nn.LayerNorm, nn.Embedding, nn.RMSNorm, and look-alike subclasses/RMSNorms (timm
-LayerNorm, transformers' LlamaRMSNorm) once their first output matches the rule's formula. Other parameters: leading-dim-1 tensors broadcast over the
+(unfold), nn.LayerNorm, nn.Embedding, nn.RMSNorm, and look-alikes (subclasses with their own
+forward such as timm's LayerNorm; RMSNorm classes such as transformers' LlamaRMSNorm) once their
+first output matches the rule's formula. Other parameters: leading-dim-1 tensors broadcast over the
 batch (ViT cls_token, pos_embed) are replaced by p + z with z = 0 of shape [B, ...], so z.grad
 holds their per-example gradients; anything else gets a per-example loop of backward passes
 through the batched graph, over just those parameters.
@@ -153,8 +154,13 @@ def rule_for(m: nn.Module) -> tuple[tuple[Callable, Callable | None], Callable |
                 return None
             return rule, (None if type(m).forward is cls.forward else cls.forward)
     if _rms_like(m):
-        return RULES[nn.RMSNorm], lambda m, x: m.weight * rms_xhat(m, x.to(torch.promote_types(x.dtype, torch.float32))).to(x.dtype)
+        return RULES[nn.RMSNorm], rms_reference
     return None
+
+
+def rms_reference(m: nn.Module, x: Tensor) -> Tensor:
+    """w * x / rms(x), normalised in at least float32 as transformers does."""
+    return m.weight * rms_xhat(m, x.to(torch.promote_types(x.dtype, torch.float32))).to(x.dtype)
 
 
 def squared_sum(m: nn.Module, rule: tuple[Callable, Callable | None], x: Tensor, g: Tensor
