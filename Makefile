@@ -18,7 +18,10 @@ test: $(STAMP)
 	TOOLKIT_SCALE=tiny $(BIN)/python -m pytest -q
 
 book: $(STAMP)
-	$(BIN)/jupyter-book build . -n -W --keep-going
+	sh book/vendor_mathjax.sh
+	@start=$$(date +%s); status=0; \
+	$(BIN)/jupyter-book build . -n -W --keep-going || status=$$?; \
+	echo "book build took $$(( $$(date +%s) - start )) s (exit status $$status)"; exit $$status
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_curvature.py
