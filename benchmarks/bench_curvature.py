@@ -5,7 +5,8 @@ with the per-example loop. Prints a table; not a test.
 
 Each time is the median over repeats of one batch of `--batch` examples; "x step" divides by the
 median time of a training step (forward + backward of the mean loss) on the same batch, measured
-alternately with that row's estimator in the same run (robust to changing machine load). Baselines: the per-example loop backend, torch.func vmap(grad) and (MLP only)
+alternately with that row's estimator in the same run (robust to changing machine load).
+Baselines: the per-example loop backend, torch.func vmap(grad) and (MLP only)
 BackPACK SumGradSquared. Target: mc and empirical within 3x a training step on both models.
 """
 from __future__ import annotations
@@ -153,6 +154,13 @@ def main() -> None:
     print("|---|---|---|---:|---:|---:|---:|")
     for m, kind, be, t, ratio, a, r in rows:
         print(f"| {m} | {kind} | {be} | {1e3 * t:.1f} | {ratio:.2f} | {a} | {r} |")
+    rel = [float(r) for *_, r in rows if r not in ("", "ref")]
+    print(f"\nagreement with the per-example loop: max relative difference {max(rel):.1e} "
+          f"({'within' if max(rel) <= 1e-5 else 'NOT within'} 1e-5)")
+    for m in dict.fromkeys(r[0] for r in rows):
+        worst = max(r[4] for r in rows if r[0] == m and r[2] == "hooks" and r[1] in ("mc", "empirical"))
+        print(f"target (mc, empirical within 3x a training step) on {m}: {worst:.2f}x "
+              f"{'met' if worst <= 3 else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -152,7 +152,8 @@ def _unpack(batch: Any) -> tuple[Any, Any]:
     try:
         inputs, targets = batch
     except (TypeError, ValueError):
-        raise MergeError(f"fisher: each batch must be a pair (inputs, targets), got {type(batch).__name__}") from None
+        raise MergeError("fisher: each batch must be a pair (inputs, targets), "
+                         f"got {type(batch).__name__}") from None
     return inputs, targets
 
 
@@ -224,7 +225,8 @@ def _draw(p: Tensor, n_samples: int, gen: torch.Generator) -> Tensor:
 
 def _minus_onehot(p: Tensor, y: Tensor) -> Tensor:
     """p - e_y: gradient of -log softmax(z)[y] w.r.t. the logits z."""
-    return p.scatter_add(-1, y.unsqueeze(-1), torch.full(y.shape + (1,), -1.0, dtype=p.dtype, device=p.device))
+    minus_one = torch.full(y.shape + (1,), -1.0, dtype=p.dtype, device=p.device)
+    return p.scatter_add(-1, y.unsqueeze(-1), minus_one)
 
 
 def _output_grads(z: Tensor, p: Tensor, kind: str, labels: Tensor, valid: Tensor | None,

@@ -271,7 +271,8 @@ class HookEngine:
             ref = reference(m, x)
         tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(out.dtype, 1e-2)
         out = out.detach()
-        return out.shape == ref.shape and torch.allclose(out, ref, rtol=tol, atol=tol * float(out.abs().max()))
+        atol = tol * float(out.abs().max())
+        return out.shape == ref.shape and torch.allclose(out, ref, rtol=tol, atol=atol)
 
     # backward ------------------------------------------------------------------------------
     def _tensor_hook(self, m: nn.Module, x: Tensor, g: Tensor) -> None:
