@@ -15,9 +15,17 @@ import sys
 from .errors import MergeError
 
 
+def _threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def _merge(args: argparse.Namespace) -> None:
     from .stream import merge_config
 
+    _threads(args)
     overrides = {"progress": not args.quiet}
     if args.overwrite:
         overrides["overwrite"] = True
@@ -27,6 +35,7 @@ def _merge(args: argparse.Namespace) -> None:
 def _fisher(args: argparse.Namespace) -> None:
     from .fisherfile import describe, estimate_fisher_file
 
+    _threads(args)
     info = estimate_fisher_file(args.model, args.data, args.out, kind=args.kind, n_samples=args.n_samples,
                                 max_examples=args.max_examples, dataset_size=args.dataset_size,
                                 batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
@@ -52,6 +61,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("config", help="YAML config: base, models, method, output, ...")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     m.set_defaults(run=_merge)
 
     f = sub.add_parser("fisher", help="estimate a diagonal Fisher of a causal LM and write a Fisher file")
@@ -63,13 +73,15 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--max-examples", type=int, default=None, help="use the first N examples only")
     f.add_argument("--dataset-size", type=float, default=None, help="N_t recorded for H_t = N_t F_t "
                    "(default: the number of examples in --data)")
-    f.add_argument("--batch-size", type=int, default=1)
+    f.add_argument("--batch-size", type=int, default=8, help="examples per forward/backward pass "
+                   "(per-example gradients are formed inside the batch)")
     f.add_argument("--max-length", type=int, default=128, help="tokens per example (truncation)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--backend", default="auto", help="as toolkit.curvature.fisher")
     f.add_argument("--text-key", default="text", help="field of a .jsonl line holding the text")
     f.add_argument("--dtype", default="float32", help="dtype to load the model in")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     f.set_defaults(run=_fisher)
 
     ls = sub.add_parser("methods", help="list the merge methods and their options")

@@ -168,7 +168,7 @@ def to_checkpoint_names(fisher: Mapping[str, Tensor], ck: Checkpoint) -> dict[st
 
 def estimate_fisher_file(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
                          kind: str = "mc", n_samples: int = 1, max_examples: int | None = None,
-                         dataset_size: float | None = None, batch_size: int = 1, max_length: int = 128,
+                         dataset_size: float | None = None, batch_size: int = 8, max_length: int = 128,
                          seed: int = 0, backend: str = "auto", text_key: str = "text",
                          dtype: str = "float32", progress: bool = True) -> FisherInfo | None:
     """Estimate the diagonal Fisher of a causal LM checkpoint on a text file and write a Fisher

@@ -68,10 +68,19 @@ class Summary:
     seconds: float
 
     def __str__(self) -> str:
-        gb = 1e9
+        rate = (self.bytes_read + self.bytes_written) / max(self.seconds, 1e-9)
         return (f"merged {self.tensors} tensors with {self.method} into {self.output} ({self.shards} shard(s)): "
-                f"read {self.bytes_read / gb:.2f} GB, wrote {self.bytes_written / gb:.2f} GB "
-                f"in {self.seconds:.2f} s ({(self.bytes_read + self.bytes_written) / gb / max(self.seconds, 1e-9):.2f} GB/s)")
+                f"read {_human(self.bytes_read)}, wrote {_human(self.bytes_written)} in {self.seconds:.2f} s "
+                f"({_human(rate)}/s)")
+
+
+def _human(n: float) -> str:
+    """Bytes as '812 kB', '2.20 GB' (powers of 1000)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit in ("B", "kB") else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
 
 
 def check_same(base: Checkpoint, models: Sequence[Checkpoint]) -> None:
@@ -168,7 +177,9 @@ def merge_checkpoints(base: PathLike, models: Sequence[PathLike], output: PathLi
         specs = [Spec(k, out_dtype if out_dtype and i.dtype.is_floating_point else i.dtype, i.shape)
                  for k, i in base_ck.infos.items()]
         ctx = _Ctx(m, base_ck, cks, fks, bfk, alphas, sizes, options, out_dtype, _Buffers(chunk))
-        ctx.probe()
+        with warnings.catch_warnings():  # the probe's warnings would repeat the merge's
+            warnings.simplefilter("ignore")
+            ctx.probe()
         with atomic_dir(output, overwrite) as tmp:
             meta = {"merge_method": m.name, "merge_alphas": ",".join(map(str, alphas))}
             writer = ShardWriter(tmp, specs, shard_size, meta)
