@@ -163,6 +163,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/bench_merge", help="where checkpoints are generated")
     ap.add_argument("--mergekit", default=os.environ.get("MERGEKIT", shutil.which("mergekit-yaml") or ""),
                     help="path of mergekit-yaml (default: $MERGEKIT or on PATH)")
+    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                    help="torch threads for ours and (OMP_NUM_THREADS) for mergekit; default cores - 1")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     ap.add_argument("--no-check", action="store_true", help="skip the float64 correctness check")
     args = ap.parse_args()
@@ -183,7 +185,7 @@ def main() -> None:
         inputs = [f for d in [base, *models] for f in shard_files(d)]
         all_inputs = inputs + [f for d in fishers for f in shard_files(d)]
         subprocess.run(["cat", *all_inputs], stdout=subprocess.DEVNULL, check=True)  # warm page cache
-        out_bytes = os.path.getsize(inputs[0]) * 0 + sum(os.path.getsize(f) for f in shard_files(base))
+        out_bytes = sum(os.path.getsize(f) for f in shard_files(base))
         rows = {}
 
         floor = f"cat {' '.join(inputs)} > /dev/null && dd if=/dev/zero of={work}/floor.bin bs=16M " \
@@ -199,7 +201,8 @@ def main() -> None:
                     e["fisher"] = str(f)
                 cfg["delta"] = 1e-3
             (work / f"{out}.yaml").write_text(json.dumps(cfg))
-            r = measure([sys.executable, "-m", "toolkit", "merge", str(work / f"{out}.yaml"), "--quiet"])
+            r = measure([sys.executable, "-m", "toolkit", "merge", str(work / f"{out}.yaml"), "--quiet",
+                         "--threads", str(args.threads)])
             print(f"  {r['stdout'].strip()}", flush=True)
             return r
 
@@ -211,7 +214,8 @@ def main() -> None:
             (work / "mk.yaml").write_text(json.dumps(mk_cfg))
             mk_out = work / "out_mk"
             rows["mergekit task_arithmetic"] = measure([args.mergekit, str(work / "mk.yaml"), str(mk_out),
-                                                        "--out-shard-size", str(parse_size(args.shard_size))])
+                                                        "--out-shard-size", str(parse_size(args.shard_size))],
+                                                       env={"OMP_NUM_THREADS": str(args.threads)})
         else:
             print(f"mergekit not found (--mergekit / $MERGEKIT = {args.mergekit!r}): skipping it. Install it in "
                   "its own venv: python -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install mergekit")
@@ -220,7 +224,8 @@ def main() -> None:
         shutil.rmtree(work / "out_gm", ignore_errors=True)
 
         print(f"\n{args.models} x {params / 1e6:.0f}M-param fp32 checkpoints, inputs {in_bytes / 1e9:.2f} GB, "
-              f"output {out_bytes / 1e9:.2f} GB, torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs")
+              f"output {out_bytes / 1e9:.2f} GB, {args.threads} torch thread(s), {os.cpu_count()} CPUs, "
+              f"load average {os.getloadavg()[0]:.1f}")
         print(f"{'run':30} {'time s':>8} {'x floor':>8} {'x ours':>7} {'private GiB':>12} {'anon GiB':>9} {'maxRSS GiB':>11}")
         fl = rows["read+write floor (cat+dd)"]["wall"]
         for name, r in rows.items():

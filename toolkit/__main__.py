@@ -25,8 +25,7 @@ def _threads(args: argparse.Namespace) -> None:
 def _merge(args: argparse.Namespace) -> None:
     from .stream import merge_config
 
-    _threads(args)
-    overrides = {"progress": not args.quiet}
+    overrides = {"progress": not args.quiet, "threads": args.threads}
     if args.overwrite:
         overrides["overwrite"] = True
     print(merge_config(args.config, **overrides))
@@ -61,7 +60,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("config", help="YAML config: base, models, method, output, ...")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
-    m.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    m.add_argument("--threads", type=int, default=None, help="torch threads for the arithmetic "
+                   "(default: torch's choice minus one for the reader thread)")
     m.set_defaults(run=_merge)
 
     f = sub.add_parser("fisher", help="estimate a diagonal Fisher of a causal LM and write a Fisher file")

@@ -36,6 +36,7 @@ import contextlib
 import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -135,12 +136,13 @@ def merge_checkpoints(base: PathLike, models: Sequence[PathLike], output: PathLi
                       base_fisher: PathLike | None = None, options: Mapping[str, Any] | None = None,
                       dtype: str | torch.dtype | None = None, shard_size: int | str = "5GB",
                       overwrite: bool = False, progress: bool = True, chunk: int = 1 << 18,
-                      check_hash: bool = True) -> Summary:
+                      check_hash: bool = True, threads: int | None = None) -> Summary:
     """Merge checkpoints on disk tensor by tensor into a new sharded safetensors directory.
 
     Each output tensor is merge_tensor(method, ...) of the inputs' tensors (e.g. task arithmetic
     theta_0 + sum_t alpha_t tau_t); fp16/bf16 are computed in fp32, then cast to `dtype`
-    (default: the base's dtype). Inputs are only read; the output appears atomically."""
+    (default: the base's dtype). Inputs are only read; the output appears atomically.
+    threads: torch threads for the arithmetic (default: torch's setting minus the reader thread's)."""
     t0 = time.perf_counter()
     m = get_method(method)
     options = dict(options or {})
@@ -150,6 +152,8 @@ def merge_checkpoints(base: PathLike, models: Sequence[PathLike], output: PathLi
     if not m.uses_fisher and (fishers or base_fisher):
         raise MergeError(f"method {m.name!r} does not use Fishers, but Fisher files were given")
     with contextlib.ExitStack() as stack:
+        stack.callback(torch.set_num_threads, torch.get_num_threads())
+        torch.set_num_threads(threads or max(1, torch.get_num_threads() - 1))
         open_ = lambda p: stack.enter_context(Checkpoint(p))  # noqa: E731
         base_ck, cks = open_(base), [open_(p) for p in models]
         check_same(base_ck, cks)
@@ -176,7 +180,8 @@ def merge_checkpoints(base: PathLike, models: Sequence[PathLike], output: PathLi
                              "for every model (config `size:`) or Fisher files with dataset_size metadata")
         specs = [Spec(k, out_dtype if out_dtype and i.dtype.is_floating_point else i.dtype, i.shape)
                  for k, i in base_ck.infos.items()]
-        ctx = _Ctx(m, base_ck, cks, fks, bfk, alphas, sizes, options, out_dtype, _Buffers(chunk))
+        pool = stack.enter_context(ThreadPoolExecutor(1))  # reads ahead while the main thread merges
+        ctx = _Ctx(m, base_ck, cks, fks, bfk, alphas, sizes, options, out_dtype, _Buffers(chunk), pool)
         with warnings.catch_warnings():  # the probe's warnings would repeat the merge's
             warnings.simplefilter("ignore")
             ctx.probe()
@@ -216,6 +221,7 @@ class _Ctx:
     options: dict
     out_dtype: torch.dtype | None
     bufs: _Buffers
+    pool: ThreadPoolExecutor
     bytes_read: int = 0
 
     def _read(self, ck: Checkpoint, role: Any, name: str, start: int, n: int | None) -> Tensor:
@@ -239,17 +245,30 @@ class _Ctx:
             for s in range(start, stop, self.bufs.chunk):
                 yield self._read(self.base, "base", name, s, min(self.bufs.chunk, stop - s))
             return
-        spans = [(start, None)] if whole else [(s, min(self.bufs.chunk, stop - s))
-                                               for s in range(start, stop, self.bufs.chunk)]
-        for s, n in spans:
-            base = self._read(self.base, "base", name, s, n)
-            thetas = [self._read(ck, ("model", i), name, s, n) for i, ck in enumerate(self.models)]
-            fishers = [self._read(ck, ("fisher", i), name, s, n) for i, ck in enumerate(self.fishers)] or None
-            bf = self._read(self.base_fisher, "base_fisher", name, s, n) if self.base_fisher else None
+        if whole:
+            spans = [(start, None)]
+        else:
+            spans = [(s, min(self.bufs.chunk, stop - s)) for s in range(start, stop, self.bufs.chunk)]
+            ahead = self.pool.submit(self._inputs, name, *spans[0], 0)
+        for j, (s, n) in enumerate(spans):
+            if whole:
+                base, thetas, fishers, bf = self._inputs(name, s, n, 0)
+            else:  # read the next chunk in the background (other buffers) while this one is merged
+                base, thetas, fishers, bf = ahead.result()
+                if j + 1 < len(spans):
+                    ahead = self.pool.submit(self._inputs, name, *spans[j + 1], (j + 1) % 2)
             if self.out_dtype is not None and self.out_dtype != info.dtype:  # no double rounding
                 cd = compute_dtype(info.dtype)
                 base, thetas = base.to(cd), [t.to(cd) for t in thetas]
             yield merge_tensor(self.m, name, base, thetas, self.alphas, fishers, self.sizes, bf, **self.options)
+
+    def _inputs(self, name: str, s: int, n: int | None, slot: int):
+        """One span of every input, read into buffer set `slot` (0 or 1)."""
+        base = self._read(self.base, ("base", slot), name, s, n)
+        thetas = [self._read(ck, ("model", i, slot), name, s, n) for i, ck in enumerate(self.models)]
+        fishers = [self._read(ck, ("fisher", i, slot), name, s, n) for i, ck in enumerate(self.fishers)] or None
+        bf = self._read(self.base_fisher, ("base_fisher", slot), name, s, n) if self.base_fisher else None
+        return base, thetas, fishers, bf
 
     def probe(self) -> None:
         """Run the method on the first element of the first float tensor, so a bad option or
