@@ -483,6 +483,33 @@ def _text_add(s: TextAddSetup, progress: bool) -> list[dict]:
     return [{c: r.get(c) for c in cols} for r in rows]
 
 
+def text_fishers(s: TextAddSetup, progress: bool = False) -> tuple[list[dict[str, Tensor]], list[float]]:
+    """The Fishers F_t and sizes N_t of the adding-tasks experiment (from the cache after a run)."""
+    with quiet_settings(1 if s.scale == "tiny" else None):
+        out = []
+        for t in s.tasks:
+            train, _ = _task_data(s, t)
+            out.append((classifier_fisher(s, t, finetune_classifier(s, t, train, progress), train), float(len(train))))
+    return [f for f, _ in out], [n for _, n in out]
+
+
+def fisher_scale(fishers: Sequence[StateDict], sizes: Sequence[float], delta: float,
+                 names: Sequence[str] | None = None) -> pd.DataFrame:
+    """How H_t = N_t F_t compares with the prior delta, per model: quantiles of H_t / delta, the
+    fraction of elements where H_t > delta, and the share of sum H_t held by the top 1% of elements
+    (heavy tails: a few elements carry most of the Fisher)."""
+    rows = []
+    for i, (f, n) in enumerate(zip(fishers, sizes)):
+        h = torch.cat([v.flatten().double() for v in f.values()]) * n
+        top = torch.topk(h, max(1, h.numel() // 100)).values.sum() / h.sum().clamp_min(1e-300)
+        q = torch.quantile(h[torch.randperm(h.numel(), generator=torch.Generator().manual_seed(0))[:200000]],
+                           torch.tensor([0.5, 0.99], dtype=torch.float64))
+        rows.append({"model": names[i] if names else i, "median H/delta": float(q[0]) / delta,
+                     "p99 H/delta": float(q[1]) / delta, "share H > delta": float((h > delta).double().mean()),
+                     "top 1% share of sum H": float(top)})
+    return pd.DataFrame(rows).set_index("model")
+
+
 def text_summary(df: pd.DataFrame) -> pd.DataFrame:
     """Per method (main study): best alpha, mean accuracy and normalised accuracy there, and the
     spread max - min of the mean normalised accuracy over the alpha grid."""
