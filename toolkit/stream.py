@@ -130,6 +130,36 @@ class _Buffers:
         return self.bufs[key]
 
 
+def _open_fishers(m, open_, base_ck: Checkpoint, cks: list[Checkpoint], fishers, sizes, base_fisher,
+                  options: dict, check_hash: bool):
+    """Open and check the Fisher files; sizes N_t (and options' base_size N_0) default to the files'
+    dataset_size metadata. Returns (Fisher checkpoints, base Fisher checkpoint or None, sizes or None)."""
+    sizes = list(sizes) if sizes is not None else [None] * len(cks)
+    fks, bfk = [], None
+    if m.uses_fisher:
+        if not fishers or len(fishers) != len(cks):
+            raise MergeError(f"method {m.name!r} needs one Fisher file per model: got "
+                             f"{len(fishers or [])} for {len(cks)} models")
+        if len(sizes) != len(cks):
+            raise MergeError(f"got {len(sizes)} sizes for {len(cks)} models")
+        fks = [open_(p) for p in fishers]
+        for i, (fk, ck) in enumerate(zip(fks, cks)):
+            check_fisher_file(fk, ck, f"Fisher {i}", check_hash)
+        sizes = [s if s is not None or "dataset_size" not in fk.metadata else float(fk.metadata["dataset_size"])
+                 for s, fk in zip(sizes, fks)]
+        if base_fisher is not None:
+            bfk = open_(base_fisher)
+            check_fisher_file(bfk, base_ck, "the base Fisher", check_hash)
+            if "base_size" in m.options and "dataset_size" in bfk.metadata:
+                options.setdefault("base_size", float(bfk.metadata["dataset_size"]))
+    if all(s is None for s in sizes):
+        return fks, bfk, None
+    if any(s is None for s in sizes):
+        raise MergeError(f"data-set sizes N_t known for some models only ({sizes}): give a size "
+                         "for every model (config `size:`) or Fisher files with dataset_size metadata")
+    return fks, bfk, sizes
+
+
 def merge_checkpoints(base: PathLike, models: Sequence[PathLike], output: PathLike, *,
                       method: str = "task_arithmetic", alphas: Sequence[float] | None = None,
                       fishers: Sequence[PathLike] | None = None, sizes: Sequence[float | None] | None = None,
@@ -157,27 +187,7 @@ def merge_checkpoints(base: PathLike, models: Sequence[PathLike], output: PathLi
         open_ = lambda p: stack.enter_context(Checkpoint(p))  # noqa: E731
         base_ck, cks = open_(base), [open_(p) for p in models]
         check_same(base_ck, cks)
-        fks, bfk, sizes = [], None, list(sizes) if sizes is not None else [None] * len(cks)
-        if m.uses_fisher:
-            if not fishers or len(fishers) != len(cks):
-                raise MergeError(f"method {m.name!r} needs one Fisher file per model: got "
-                                 f"{len(fishers or [])} for {len(cks)} models")
-            if len(sizes) != len(cks):
-                raise MergeError(f"got {len(sizes)} sizes for {len(cks)} models")
-            fks = [open_(p) for p in fishers]
-            for i, (fk, ck) in enumerate(zip(fks, cks)):
-                check_fisher_file(fk, ck, f"Fisher {i}", check_hash)
-            sizes = [s if s is not None else fk.metadata.get("dataset_size") for s, fk in zip(sizes, fks)]
-            if base_fisher is not None:
-                bfk = open_(base_fisher)
-                check_fisher_file(bfk, base_ck, "the base Fisher", check_hash)
-                if "base_size" in m.options and "dataset_size" in bfk.metadata:
-                    options.setdefault("base_size", float(bfk.metadata["dataset_size"]))
-        if all(s is None for s in sizes):
-            sizes = None
-        elif any(s is None for s in sizes):
-            raise MergeError(f"data-set sizes N_t known for some models only ({sizes}): give a size "
-                             "for every model (config `size:`) or Fisher files with dataset_size metadata")
+        fks, bfk, sizes = _open_fishers(m, open_, base_ck, cks, fishers, sizes, base_fisher, options, check_hash)
         specs = [Spec(k, out_dtype if out_dtype and i.dtype.is_floating_point else i.dtype, i.shape)
                  for k, i in base_ck.infos.items()]
         pool = stack.enter_context(ThreadPoolExecutor(1))  # reads ahead while the main thread merges
