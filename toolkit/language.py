@@ -19,6 +19,8 @@ minutes; full: GPU. Fine-tuned models, Fishers and each result table are cached 
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import math
 import os
 import shutil
@@ -88,6 +90,22 @@ def tiny_model_dir(kind: str, root: Path | None = None) -> str:
 def model_name(name: str) -> str:
     """'tiny-bert' / 'tiny-llama' -> the tiny directories; anything else -> hub.resolve's input."""
     return tiny_model_dir(name[5:]) if name in ("tiny-bert", "tiny-llama") else name
+
+
+@functools.lru_cache(maxsize=4)
+def _pristine(kind: str, name: str, n_classes: int, seed: int):
+    torch.manual_seed(seed)  # a new classification head is initialised from this seed
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        if kind == "classifier":
+            return hub.load_classifier(model_name(name), n_classes)
+        return hub.load_causal_lm(model_name(name))
+
+
+def _load(kind: str, name: str, n_classes: int, seed: int):
+    """A fresh copy of a pretrained model (loaded from disk once per process) and its tokenizer."""
+    model, tok = _pristine(kind, name, n_classes, seed)
+    return copy.deepcopy(model), tok
 
 
 @contextmanager
@@ -349,10 +367,7 @@ def _task_data(s: TextAddSetup, name: str) -> tuple[T.TextSet, T.TextSet]:
 
 def _classifier(s: TextAddSetup, n_classes: int):
     """The base encoder with a fresh head (seeded: every task starts from the same theta_0)."""
-    torch.manual_seed(s.seed)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore")
-        model, tok = hub.load_classifier(model_name(s.model), n_classes)
+    model, tok = _load("classifier", s.model, n_classes, s.seed)
     return model.to(s.device).eval(), tok
 
 
@@ -400,15 +415,31 @@ def accuracy(model: nn.Module, batches: Iterable) -> float:
     return evaluate(model, batches)["accuracy"]
 
 
+def _text_table_cfg(s: TextAddSetup) -> dict:
+    data = [T.load_task(t, sp, n, n_test=s.n_test, seed=s.seed).fingerprint()
+            for t in s.tasks for sp, n in (("train", s.n_train), ("test", s.n_test))]
+    return {"exp": "text-add", **asdict(s), "data": data}
+
+
+def _table_cached(cfg: dict) -> bool:
+    path = cache.path_for("language-table", cfg)
+    return path is not None and path.is_file()
+
+
+def prepare_text_add(s: TextAddSetup | None = None, *, progress: bool = True) -> None:
+    """Fine-tune every task and estimate its Fisher (cached): the slow half of run_text_add, as its
+    own step so a notebook cell stays short."""
+    s = s or text_setup()
+    if not _table_cached(_text_table_cfg(s)):
+        text_fishers(s, progress)
+
+
 def run_text_add(s: TextAddSetup | None = None, *, progress: bool = True) -> pd.DataFrame:
     """Adding tasks: one row per (study, method, alpha, delta, task) with accuracy, the individual
     model's accuracy, normalised accuracy (merged / individual) and, for the mismatch study,
     ||m(theta)|| of the merge. Cached as a whole by the setup."""
     s = s or text_setup()
-    data = [T.load_task(t, sp, n, n_test=s.n_test, seed=s.seed).fingerprint()
-            for t in s.tasks for sp, n in (("train", s.n_train), ("test", s.n_test))]
-    rows = cache.cached("language-table", {"exp": "text-add", **asdict(s), "data": data},
-                        lambda: _text_add(s, progress))
+    rows = cache.cached("language-table", _text_table_cfg(s), lambda: _text_add(s, progress))
     return pd.DataFrame(rows)
 
 
@@ -527,9 +558,7 @@ def text_summary(df: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------
 
 def _lm(s: LMSetup):
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore")
-        model, tok = hub.load_causal_lm(model_name(s.model))
+    model, tok = _load("causal_lm", s.model, 0, s.seed)
     model.to(s.device).eval()
     if s.freeze_embeddings:
         freeze(model, is_embedding)
@@ -547,9 +576,11 @@ def _lm_cfg(s: LMSetup, domain: str) -> dict:
             "len": s.max_len, "freeze": s.freeze_embeddings, "seed": s.seed}
 
 
-def _lm_data(s: LMSetup, domains: Sequence[str]) -> list[str]:
-    return [T.load_domain(d, sp, n, n_test=s.n_test, seed=s.seed).fingerprint()
+def _lm_table_cfg(s: LMSetup, exp: str) -> dict:
+    domains = s.domains if exp == "lm-domains" else (s.remove, *s.domains)
+    data = [T.load_domain(d, sp, n, n_test=s.n_test, seed=s.seed).fingerprint()
             for d in domains for sp, n in (("train", s.n_train), ("test", s.n_test))]
+    return {"exp": exp, **asdict(s), "data": data}
 
 
 def finetune_domain(s: LMSetup, domain: str, progress: bool = True) -> dict[str, Tensor]:
@@ -596,12 +627,23 @@ class LMEvaluator:
         return {d: perplexity(self.model, b) for d, b in self.tests.items()}
 
 
+def prepare_lm(s: LMSetup | None = None, *, progress: bool = True) -> None:
+    """Fine-tune the LM on every domain (and the one to remove) and estimate the Fishers (cached):
+    the slow half of run_lm_domains and run_lm_remove."""
+    s = s or lm_setup()
+    if _table_cached(_lm_table_cfg(s, "lm-domains")) and _table_cached(_lm_table_cfg(s, "lm-remove")):
+        return
+    with quiet_settings(1 if s.scale == "tiny" else None):
+        for d in (*s.domains, s.remove):
+            lm_fisher(s, d, finetune_domain(s, d, progress), f"ft-{d}")
+        lm_fisher(s, s.domains, None, "base-kept")
+
+
 def run_lm_domains(s: LMSetup | None = None, *, progress: bool = True) -> pd.DataFrame:
     """Multi-domain LM merging: one row per (study, method, alpha, domain) with the perplexity,
     the base's and the domain's own fine-tuned model's perplexity. Cached as a whole."""
     s = s or lm_setup()
-    rows = cache.cached("language-table", {"exp": "lm-domains", **asdict(s), "data": _lm_data(s, s.domains)},
-                        lambda: _lm_domains(s, progress))
+    rows = cache.cached("language-table", _lm_table_cfg(s, "lm-domains"), lambda: _lm_domains(s, progress))
     return pd.DataFrame(rows)
 
 
@@ -640,9 +682,7 @@ def run_lm_remove(s: LMSetup | None = None, *, progress: bool = True) -> pd.Data
     the mean log-perplexity ratio over the kept domains (merged / base), and for gradient matching
     the diagnostics of `removal_diagnostics`. Cached as a whole."""
     s = s or lm_setup()
-    rows = cache.cached("language-table", {"exp": "lm-remove", **asdict(s),
-                                           "data": _lm_data(s, (s.remove, *s.domains))},
-                        lambda: _lm_remove(s, progress))
+    rows = cache.cached("language-table", _lm_table_cfg(s, "lm-remove"), lambda: _lm_remove(s, progress))
     return pd.DataFrame(rows)
 
 
