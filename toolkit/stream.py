@@ -3,7 +3,8 @@
 Every output tensor is `toolkit.merge.merge_tensor(method, name, base, thetas, alphas, fishers,
 sizes, base_fisher, **options)`, the same code path as in-memory merges. Element-wise methods
 (average, task arithmetic, Fisher averaging, gradient matching) are applied to chunks of
-`chunk` elements read into preallocated buffers, so memory stays bounded whatever the model
+`chunk` elements that worker threads read into preallocated buffers and merge in parallel while
+the main thread appends the results to the output, so memory stays bounded whatever the model
 size; methods that need a whole tensor (TIES, DARE, new ones) get one tensor at a time.
 
 Config (YAML; relative paths are relative to the config file):
@@ -36,6 +37,7 @@ import contextlib
 import os
 import time
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,7 +174,7 @@ def merge_checkpoints(base: PathLike, models: Sequence[PathLike], output: PathLi
     Each output tensor is merge_tensor(method, ...) of the inputs' tensors (e.g. task arithmetic
     theta_0 + sum_t alpha_t tau_t); fp16/bf16 are computed in fp32, then cast to `dtype`
     (default: the base's dtype). Inputs are only read; the output appears atomically.
-    threads: torch threads for the arithmetic (default: torch's setting minus the reader thread's)."""
+    threads: worker threads that read and merge chunks in parallel (default: torch's thread count)."""
     t0 = time.perf_counter()
     m = get_method(method)
     options = dict(options or {})
@@ -181,46 +183,68 @@ def merge_checkpoints(base: PathLike, models: Sequence[PathLike], output: PathLi
     out_dtype = parse_dtype(dtype)
     if not m.uses_fisher and (fishers or base_fisher):
         raise MergeError(f"method {m.name!r} does not use Fishers, but Fisher files were given")
+    workers = threads or torch.get_num_threads()
     with contextlib.ExitStack() as stack:
         stack.callback(torch.set_num_threads, torch.get_num_threads())
-        torch.set_num_threads(threads or max(1, torch.get_num_threads() - 1))
+        torch.set_num_threads(1)  # parallel over chunks, not inside each small op
         open_ = lambda p: stack.enter_context(Checkpoint(p))  # noqa: E731
         base_ck, cks = open_(base), [open_(p) for p in models]
         check_same(base_ck, cks)
         fks, bfk, sizes = _open_fishers(m, open_, base_ck, cks, fishers, sizes, base_fisher, options, check_hash)
         specs = [Spec(k, out_dtype if out_dtype and i.dtype.is_floating_point else i.dtype, i.shape)
                  for k, i in base_ck.infos.items()]
-        pool = stack.enter_context(ThreadPoolExecutor(1))  # reads ahead while the main thread merges
-        ctx = _Ctx(m, base_ck, cks, fks, bfk, alphas, sizes, options, out_dtype, _Buffers(chunk), pool)
+        ctx = _Ctx(m, base_ck, cks, fks, bfk, alphas, sizes, options, out_dtype, _Buffers(chunk))
         with warnings.catch_warnings():  # the probe's warnings would repeat the merge's
             warnings.simplefilter("ignore")
-            ctx.probe()
+            ctx.task(next((k for k, i in base_ck.infos.items() if i.dtype.is_floating_point and i.numel),
+                          next(iter(base_ck.infos), None)), 0, 1, "probe")
+        pool = stack.enter_context(ThreadPoolExecutor(workers))
+        # Chunks are read and merged by `workers` threads (each chunk in its own buffer slot) while
+        # this thread writes the results in order; element-wise methods keep workers + 2 chunks
+        # in flight, whole-tensor methods one tensor.
+        slots = workers + 2 if m.name in ELEMENTWISE else 1
+        bytes_read = 0
         with atomic_dir(output, overwrite) as tmp:
             meta = {"merge_method": m.name, "merge_alphas": ",".join(map(str, alphas))}
             writer = ShardWriter(tmp, specs, shard_size, meta)
-            total = sum(s.nbytes for s in specs)
+            jobs = ((spec, s, n) for spec in writer.order for s, n in ctx.spans(spec.name, m.name not in ELEMENTWISE))
+            pending: deque = deque()
             try:
-                with tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({m.name})",
+                with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc=f"merge ({m.name})",
                           disable=not progress) as bar, warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    for spec in writer.order:
-                        for out in ctx.merged(spec.name, whole=m.name not in ELEMENTWISE):
-                            writer.write(spec.name, out)
-                            bar.update(out.numel() * spec.dtype.itemsize)
+
+                    def drain() -> None:
+                        nonlocal bytes_read
+                        spec, fut = pending.popleft()
+                        out, nread = fut.result()
+                        writer.write(spec.name, out)
+                        bytes_read += nread
+                        bar.update(out.numel() * spec.dtype.itemsize)
+
+                    for i, (spec, s, n) in enumerate(jobs):
+                        while len(pending) >= slots:  # the slot this job reuses must be written first
+                            drain()
+                        pending.append((spec, pool.submit(ctx.task, spec.name, s, n, i % slots)))
+                    while pending:
+                        drain()
                 writer.close()
             finally:
+                for _, fut in pending:
+                    fut.cancel()
                 writer.abort()
             if caught:  # one line for the whole merge rather than one per chunk
                 warnings.warn(f"{m.name} warned {len(caught)} time(s) while merging; the first: "
                               f"{caught[0].message}", caught[0].category, stacklevel=2)
             copy_side_files(base_ck.dir, tmp, out_dtype)
-        return Summary(Path(output), m.name, len(specs), len(writer.shards), ctx.bytes_read,
+        return Summary(Path(output), m.name, len(specs), len(writer.shards), bytes_read,
                        writer.bytes_written, time.perf_counter() - t0)
 
 
 @dataclass
 class _Ctx:
-    """The opened inputs of one merge and how to produce one tensor's merged values."""
+    """The opened inputs of one merge, and how to merge one chunk (thread-safe: each call uses
+    the buffers of its own slot)."""
     m: Any
     base: Checkpoint
     models: list[Checkpoint]
@@ -231,64 +255,39 @@ class _Ctx:
     options: dict
     out_dtype: torch.dtype | None
     bufs: _Buffers
-    pool: ThreadPoolExecutor
-    bytes_read: int = 0
+
+    def spans(self, name: str, whole: bool) -> list[tuple[int, int | None]]:
+        """(start, count) chunks of the flattened tensor; (0, None) for the whole tensor."""
+        info = self.base.infos[name]
+        if info.numel == 0 or (whole and info.dtype.is_floating_point):
+            return [(0, None)]
+        return [(s, min(self.bufs.chunk, info.numel - s)) for s in range(0, info.numel, self.bufs.chunk)]
 
     def _read(self, ck: Checkpoint, role: Any, name: str, start: int, n: int | None) -> Tensor:
-        info = ck.infos[name]
         if n is None:  # whole tensor, fresh memory
-            t = ck.tensor(name)
-        else:
-            t = ck.read(name, self.bufs(role, info.dtype), start, n)
-        self.bytes_read += t.numel() * info.dtype.itemsize
-        return t
+            return ck.tensor(name)
+        return ck.read(name, self.bufs(role, ck.infos[name].dtype), start, n)
 
-    def merged(self, name: str, whole: bool = False, start: int = 0, stop: int | None = None):
-        """Yield the merged values of tensor `name`: chunks of the flattened tensor for element-wise
-        methods (or when `whole` is False), else the whole tensor."""
+    def task(self, name: str | None, start: int, n: int | None, slot: Any) -> tuple[Tensor, int]:
+        """Merged values of elements [start, start + n) of tensor `name` (all of it if n is None),
+        and the number of bytes read. Integer tensors are copied from the base."""
+        if name is None:
+            return torch.empty(0), 0
         info = self.base.infos[name]
-        stop = info.numel if stop is None else stop
         if info.numel == 0:
-            yield torch.empty(0, dtype=info.dtype)
-            return
-        if not info.dtype.is_floating_point:  # integer buffers etc.: copied from the base
-            for s in range(start, stop, self.bufs.chunk):
-                yield self._read(self.base, "base", name, s, min(self.bufs.chunk, stop - s))
-            return
-        if whole:
-            spans = [(start, None)]
-        else:
-            spans = [(s, min(self.bufs.chunk, stop - s)) for s in range(start, stop, self.bufs.chunk)]
-            ahead = self.pool.submit(self._inputs, name, *spans[0], 0)
-        for j, (s, n) in enumerate(spans):
-            if whole:
-                base, thetas, fishers, bf = self._inputs(name, s, n, 0)
-            else:  # read the next chunk in the background (other buffers) while this one is merged
-                base, thetas, fishers, bf = ahead.result()
-                if j + 1 < len(spans):
-                    ahead = self.pool.submit(self._inputs, name, *spans[j + 1], (j + 1) % 2)
-            if self.out_dtype is not None and self.out_dtype != info.dtype:  # no double rounding
-                cd = compute_dtype(info.dtype)
-                base, thetas = base.to(cd), [t.to(cd) for t in thetas]
-            yield merge_tensor(self.m, name, base, thetas, self.alphas, fishers, self.sizes, bf, **self.options)
-
-    def _inputs(self, name: str, s: int, n: int | None, slot: int):
-        """One span of every input, read into buffer set `slot` (0 or 1)."""
-        base = self._read(self.base, ("base", slot), name, s, n)
-        thetas = [self._read(ck, ("model", i, slot), name, s, n) for i, ck in enumerate(self.models)]
-        fishers = [self._read(ck, ("fisher", i, slot), name, s, n) for i, ck in enumerate(self.fishers)] or None
-        bf = self._read(self.base_fisher, ("base_fisher", slot), name, s, n) if self.base_fisher else None
-        return base, thetas, fishers, bf
-
-    def probe(self) -> None:
-        """Run the method on the first element of the first float tensor, so a bad option or
-        missing size fails before any output is created."""
-        for name, info in self.base.infos.items():
-            if info.dtype.is_floating_point and info.numel:
-                for _ in self.merged(name, start=0, stop=1):
-                    pass
-                self.bytes_read = 0
-                return
+            return torch.empty(info.shape, dtype=info.dtype), 0
+        if not info.dtype.is_floating_point:
+            out = self._read(self.base, ("base", slot), name, start, n)
+            return out, out.numel() * info.dtype.itemsize
+        base = self._read(self.base, ("base", slot), name, start, n)
+        thetas = [self._read(ck, ("model", i, slot), name, start, n) for i, ck in enumerate(self.models)]
+        fishers = [self._read(ck, ("fisher", i, slot), name, start, n) for i, ck in enumerate(self.fishers)] or None
+        bf = self._read(self.base_fisher, ("base_fisher", slot), name, start, n) if self.base_fisher else None
+        nread = sum(t.numel() * t.element_size() for t in [base, *thetas, *(fishers or []), *([bf] if bf is not None else [])])
+        if self.out_dtype is not None and self.out_dtype != info.dtype:  # no double rounding
+            cd = compute_dtype(info.dtype)
+            base, thetas = base.to(cd), [t.to(cd) for t in thetas]
+        return merge_tensor(self.m, name, base, thetas, self.alphas, fishers, self.sizes, bf, **self.options), nread
 
 
 # ---------------------------------------------------------------------------------------------
