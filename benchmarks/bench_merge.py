@@ -169,8 +169,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/bench_merge", help="where checkpoints are generated")
     ap.add_argument("--mergekit", default=os.environ.get("MERGEKIT", shutil.which("mergekit-yaml") or ""),
                     help="path of mergekit-yaml (default: $MERGEKIT or on PATH)")
-    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                    help="torch threads for ours and (OMP_NUM_THREADS) for mergekit; default cores - 1")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                    help="worker threads for ours and OMP_NUM_THREADS for mergekit (default: torch's, the cores)")
     ap.add_argument("--repeat", type=int, default=2, help="runs of each command; the fastest counts")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     ap.add_argument("--no-check", action="store_true", help="skip the float64 correctness check")

@@ -60,8 +60,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("config", help="YAML config: base, models, method, output, ...")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
-    m.add_argument("--threads", type=int, default=None, help="torch threads for the arithmetic "
-                   "(default: torch's choice minus one for the reader thread)")
+    m.add_argument("--threads", type=int, default=None, help="worker threads reading and merging "
+                   "chunks in parallel (default: torch's thread count, i.e. the cores)")
     m.set_defaults(run=_merge)
 
     f = sub.add_parser("fisher", help="estimate a diagonal Fisher of a causal LM and write a Fisher file")
