@@ -1,8 +1,16 @@
-"""Every notebook: stripped in the repo, listed in _toc.yml, and runs top to bottom at TOOLKIT_SCALE=tiny."""
+"""Every notebook: stripped in the repo, listed in _toc.yml, and runs top to bottom at TOOLKIT_SCALE=tiny.
+
+The executed copies are kept for the rest of the test session, so tests/test_site.py builds the
+site from them instead of running every notebook a second time.
+"""
 from __future__ import annotations
 
+import atexit
+import hashlib
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import nbformat
@@ -14,6 +22,32 @@ NB_DIR = ROOT / "notebooks"
 MASTERS = sorted(NB_DIR.glob("*.ipynb"))
 ALL = MASTERS + sorted((NB_DIR / "student").glob("*.ipynb"))
 THEORY = [p for p in MASTERS if re.match(r"0[1-4]_", p.name)]
+EXEC_DIR = Path(tempfile.gettempdir()) / f"toolkit-executed-{os.getpid()}"
+atexit.register(shutil.rmtree, EXEC_DIR, True)
+
+
+def executed(path: Path) -> Path:
+    """`path` run top to bottom with nbclient at TOOLKIT_SCALE=tiny, cwd notebooks/ (as the book
+    build runs it); the executed copy is cached for this test session, keyed by the source's hash."""
+    from nbclient import NotebookClient
+
+    out = EXEC_DIR / f"{path.stem}-{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}.ipynb"
+    if out.is_file():
+        return out
+    nb = nbformat.read(path, as_version=4)
+    old = {k: os.environ.get(k) for k in ("TOOLKIT_SCALE", "PYDEVD_DISABLE_FILE_VALIDATION")}
+    os.environ.update(TOOLKIT_SCALE="tiny", PYDEVD_DISABLE_FILE_VALIDATION="1")
+    try:
+        NotebookClient(nb, timeout=600, kernel_name="python3",
+                       resources={"metadata": {"path": str(NB_DIR)}}).execute()
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    EXEC_DIR.mkdir(exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    nbformat.write(nb, tmp)
+    os.replace(tmp, out)
+    return out
 
 
 def _toc_files() -> list[str]:
@@ -69,13 +103,8 @@ def test_no_typed_results_in_prose(path):
 
 
 @pytest.mark.parametrize("path", MASTERS, ids=lambda p: p.name)
-def test_runs_at_tiny_scale(path, monkeypatch):
-    from nbclient import NotebookClient
-
-    monkeypatch.setenv("TOOLKIT_SCALE", "tiny")
-    monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
-    nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(NB_DIR)}}).execute()
+def test_runs_at_tiny_scale(path):
+    nb = nbformat.read(executed(path), as_version=4)  # nbclient raises on the first failing cell
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
+    assert sum(len(c.outputs) for c in nb.cells if c.cell_type == "code") > 0

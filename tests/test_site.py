@@ -1,8 +1,10 @@
 """The built book, opened in headless Chromium (Debian's `chromium`, offline).
 
-The book is built at TOOLKIT_SCALE=tiny into a temporary folder with the same command as
-`make book` (`jupyter-book build . -n -W --keep-going`, so any warning fails), then every page of
-_toc.yml is loaded with JavaScript running and its final DOM checked: no console errors, math
+The book is built at TOOLKIT_SCALE=tiny into a temporary folder with the flags of `make book`
+(`-n -W --keep-going`, so any warning fails). To run each notebook once per test session, the
+build uses the copies that tests/test_notebooks.py executed (same kernel, same cwd, same scale)
+with execution switched off; everything else is the book's own configuration. Every page of
+_toc.yml is then loaded with JavaScript running and its final DOM checked: no console errors, math
 typeset by the vendored MathJax (no raw TeX, no MathJax errors), every image, script and style
 sheet local and present, every internal link and anchor resolving, and a Colab launch link on each
 notebook page pointing at that notebook in the repository.
@@ -22,6 +24,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 import yaml
 from bs4 import BeautifulSoup
+from test_notebooks import executed
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
@@ -90,15 +93,22 @@ def browser() -> str:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    """The book built at the tiny scale; fails on any build error or warning."""
+    """The book built at the tiny scale from executed notebooks; fails on any error or warning."""
     vendored = subprocess.run(["sh", "book/vendor_mathjax.sh"], cwd=ROOT, capture_output=True, text=True)
     assert vendored.returncode == 0, f"vendoring MathJax from npm failed:\n{vendored.stderr[-2000:]}"
-    out = tmp_path_factory.mktemp("book")
+    src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("book")
+    config = {**CONFIG, "execute": {**CONFIG["execute"], "execute_notebooks": "off"}}
+    (src / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    shutil.copy(ROOT / "_toc.yml", src / "_toc.yml")
+    shutil.copytree(ROOT / "book", src / "book")
+    shutil.copytree(ROOT / ".cache" / "book_static", src / ".cache" / "book_static")
+    (src / "notebooks").mkdir()
+    for page in NOTEBOOK_PAGES:
+        shutil.copy(executed(ROOT / f"{page}.ipynb"), src / f"{page}.ipynb")
     jb = Path(sys.executable).with_name("jupyter-book")
-    cmd = [str(jb) if jb.exists() else "jupyter-book", "build", str(ROOT), "--path-output", str(out),
+    cmd = [str(jb) if jb.exists() else "jupyter-book", "build", str(src), "--path-output", str(out),
            "-n", "-W", "--keep-going"]
-    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "TOOLKIT_SCALE": "tiny"},
-                       capture_output=True, text=True, timeout=1200)
+    r = subprocess.run(cmd, cwd=src, capture_output=True, text=True, timeout=1200)
     log = r.stdout + r.stderr
     assert r.returncode == 0, f"the book build failed or warned:\n{log[-6000:]}"
     return out / "_build" / "html"
