@@ -7,8 +7,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 
-COLORS = dict(zip(["average", "task_arithmetic", "fisher_average", "gradient_matching", "target",
-                   "ties", "dare", "base"], sns.color_palette("colorblind", 8)))
+_PALETTE = sns.color_palette("colorblind", 10)
+COLORS = {"average": _PALETTE[0], "task_arithmetic": _PALETTE[1], "fisher_average": _PALETTE[2],
+          "gradient_matching": _PALETTE[4], "target": (0.1, 0.1, 0.1), "ties": _PALETTE[5],
+          "dare": _PALETTE[6], "base": _PALETTE[7]}
 LABELS = {"average": "averaging", "task_arithmetic": "task arithmetic",
           "fisher_average": "Fisher averaging", "gradient_matching": "gradient matching",
           "target": "all-data target", "ties": "TIES", "dare": "DARE", "base": "base model"}
