@@ -524,6 +524,39 @@ def text_fishers(s: TextAddSetup, progress: bool = False) -> tuple[list[dict[str
     return [f for f, _ in out], [n for _, n in out]
 
 
+def text_parts(s: TextAddSetup, progress: bool = False):
+    """(theta_0 body, fine-tuned bodies, Fishers F_t, sizes N_t) of the adding-tasks experiment,
+    from the cache after a run (computed otherwise)."""
+    fishers, sizes = text_fishers(s, progress)
+    with quiet_settings(1 if s.scale == "tiny" else None):
+        model, _ = _classifier(s, 2)
+        base = {k: v for k, v in trainable(model).items() if not _is_head(k)}
+        bodies = [finetune_classifier(s, t, _task_data(s, t)[0], progress)["body"] for t in s.tasks]
+    return base, bodies, fishers, sizes
+
+
+def fisher_competition(base: StateDict, models: Sequence[StateDict], fishers: Sequence[StateDict],
+                       sizes: Sequence[float], delta: float, names: Sequence[str]) -> pd.DataFrame:
+    """Where gradient matching departs from task arithmetic, per task: its share of the summed
+    Fisher sum_t N_t F_t, the share of ||tau_t||^2 in elements where H_t > delta (there the merge
+    averages with Fisher weights instead of adding), and the share of ||tau_t||^2 in elements where
+    another task's H is larger still (there that task's value wins)."""
+    rows = []
+    totals = [sum(float(f[k].double().sum()) * n for k in base) for f, n in zip(fishers, sizes)]
+    for i, (theta, f, n) in enumerate(zip(models, fishers, sizes)):
+        tot = strong = lost = 0.0
+        for k, b in base.items():
+            tau2 = (theta[k].double() - b.double()) ** 2
+            h = n * f[k].double()
+            other = torch.stack([m * g[k].double() for j, (g, m) in enumerate(zip(fishers, sizes)) if j != i]).amax(0)
+            tot += float(tau2.sum())
+            strong += float(tau2[h > delta].sum())
+            lost += float(tau2[(h > delta) & (other > h)].sum())
+        rows.append({"task": names[i], "share of sum H": totals[i] / sum(totals),
+                     "tau^2 share where H > delta": strong / tot, "tau^2 share where another H is larger": lost / tot})
+    return pd.DataFrame(rows).set_index("task")
+
+
 def fisher_scale(fishers: Sequence[StateDict], sizes: Sequence[float], delta: float,
                  names: Sequence[str] | None = None) -> pd.DataFrame:
     """How H_t = N_t F_t compares with the prior delta, per model: quantiles of H_t / delta, the
