@@ -616,6 +616,11 @@ def _lm_table_cfg(s: LMSetup, exp: str) -> dict:
     return {"exp": exp, **asdict(s), "data": data}
 
 
+def domain_size(s: LMSetup, domain: str) -> int:
+    """N_t: the training texts of a domain actually available (at most s.n_train)."""
+    return len(T.load_domain(domain, "train", s.n_train, n_test=s.n_test, seed=s.seed))
+
+
 def finetune_domain(s: LMSetup, domain: str, progress: bool = True) -> dict[str, Tensor]:
     """theta_t: the trainable part of the LM after `steps` AdamW steps on one domain (cached)."""
     def compute():
@@ -686,7 +691,7 @@ def _lm_domains(s: LMSetup, progress: bool) -> list[dict]:
         ev = LMEvaluator(s, s.domains)
         base = ev.base
         fs = [lm_fisher(s, d, ft, f"ft-{d}") for d, ft in zip(s.domains, fts)]
-        sizes = [float(s.n_train)] * len(fts)
+        sizes = [float(domain_size(s, d)) for d in s.domains]
         rows: list[dict] = []
 
         def record(study, method, ppl, **extra):
@@ -726,7 +731,7 @@ def _lm_remove(s: LMSetup, progress: bool) -> list[dict]:
         base = ev.base
         f_r = lm_fisher(s, s.remove, ft, f"ft-{s.remove}")
         f_0 = lm_fisher(s, s.domains, None, "base-kept")
-        n_r = float(s.n_train)
+        n_r = float(domain_size(s, s.remove))
         rows: list[dict] = []
 
         def record(method, alpha, ppl, **extra):
