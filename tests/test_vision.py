@@ -115,6 +115,14 @@ def test_second_run_is_served_from_the_cache(table, tiny_cache, monkeypatch):
     pd.testing.assert_frame_equal(again, table)
 
 
+def test_studies_select_rows_and_reuse_the_cache(table, tiny_cache, monkeypatch):
+    monkeypatch.setenv("TOOLKIT_CACHE", str(tiny_cache))
+    only = E.run_vision(E.setup("tiny", seed=0, studies=("merge",)), progress=False)
+    assert set(only["study"]) == {"individual", "merge"}
+    want = table[table["study"].isin(["individual", "merge"])].reset_index(drop=True)
+    pd.testing.assert_frame_equal(only.reset_index(drop=True), want)
+
+
 def test_cli_writes_the_table(tiny_cache, tmp_path, table):
     out = tmp_path / "sub" / "vision.csv"
     env = {**os.environ, "TOOLKIT_CACHE": str(tiny_cache), "TOOLKIT_SCALE": "tiny"}

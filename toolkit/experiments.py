@@ -36,13 +36,14 @@ from .scale import SCALES, get_scale, pick
 StateDict = Mapping[str, Tensor]
 METHODS = ("average", "task_arithmetic", "ties", "dare", "fisher_average", "gradient_matching")
 NO_ALPHA = ("average", "fisher_average")  # with one common alpha, alpha cancels out of these
+STUDIES = ("multitask", "merge", "fisher", "fisher_examples", "delta", "subsets")
 
 
 @dataclass(frozen=True)
 class VisionSetup:
     """Every number the experiment depends on (the cache keys are hashes of parts of it)."""
     scale: str
-    seed: int
+    seed: int                    # fine-tuning, heads, Fisher sampling, DARE masks, data caps
     vit: V.ViTConfig
     tasks: tuple[V.Task, ...]
     n_train: int | None          # cap per task (None: the whole embedded training split)
@@ -64,6 +65,8 @@ class VisionSetup:
     ties_density: float = 0.2
     dare_p: float = 0.5
     fisher_floor: float = 1e-12  # Fisher averaging: avoids 0/0 where every Fisher is zero
+    base_seed: int = 0           # theta_0 is one fixed "pretrained" model, as in the paper
+    studies: tuple[str, ...] = STUDIES
     data_root: str | None = None
     device: str = "cpu"
 
@@ -78,8 +81,8 @@ def setup(scale: str | None = None, seed: int = 0, **overrides: Any) -> VisionSe
     s = VisionSetup(
         scale=scale, seed=seed, vit=V.VIT[scale], tasks=V.tasks_for(scale),
         n_train=p(192, None, None), n_test=p(96, 300, 2000), batch_size=p(64, 64, 128),
-        pretrain_steps=p(150, 500, 0), pretrain_lr=2e-3,
-        finetune_epochs=p(5, 2, 2), finetune_lr=p(2e-3, 1e-3, 1e-5),
+        pretrain_steps=p(60, 500, 0), pretrain_lr=2e-3,
+        finetune_epochs=p(3, 2, 2), finetune_lr=p(2e-3, 1e-3, 1e-5),
         delta=p(1.0, 1.0, 1.0), fisher_kind="mc",
         fisher_kinds=("mc", "exact", "empirical", "batch_squared"),
         fisher_examples=p(64, 512, 2048), fisher_example_grid=p((16,), (32, 128), (64, 256, 1024)),
@@ -101,17 +104,17 @@ def _key(obj: Any) -> Any:
 
 def base_backbone(s: VisionSetup, progress: bool = True) -> tuple[dict[str, Tensor], dict]:
     """theta_0: the backbone trained on the mix of all source domains (or timm's weights)."""
-    cfg = {"vit": _key(s.vit), "seed": s.seed, "steps": s.pretrain_steps, "lr": s.pretrain_lr,
+    cfg = {"vit": _key(s.vit), "seed": s.base_seed, "steps": s.pretrain_steps, "lr": s.pretrain_lr,
            "bs": s.batch_size, "n": s.n_train}
     if s.scale == "full":
         return V.make_backbone(s.vit, pretrained=True).state_dict(), cfg
 
     def compute():
-        bb = V.make_backbone(s.vit, seed=s.seed)
-        head = V.make_head(s.vit, 30, seed=s.seed)
+        bb = V.make_backbone(s.vit, seed=s.base_seed)
+        head = V.make_head(s.vit, 30, seed=s.base_seed)
         mix = V.pretrain_data(s.scale, s.n_train, s.data_root)
         V.fit(bb, [head], [mix], steps=s.pretrain_steps, batch_size=s.batch_size, lr=s.pretrain_lr,
-              seed=s.seed, device=s.device, progress=progress, desc="pretrain base")
+              seed=s.base_seed, device=s.device, progress=progress, desc="pretrain base")
         return {k: v.cpu() for k, v in bb.state_dict().items()}
     return cache.cached("vision-base", cfg, compute), cfg
 
@@ -124,7 +127,7 @@ def finetune(s: VisionSetup, base: StateDict, base_cfg: dict, task: V.Task, trai
     """theta_t and its head: fine-tune from theta_0 on one task with the prior delta/N_t per example."""
     n = len(train)
     cfg = {"base": base_cfg, "task": _key(task), "epochs": s.finetune_epochs, "lr": s.finetune_lr,
-           "delta": s.delta, "n": n}
+           "delta": s.delta, "n": n, "seed": s.seed}
 
     def compute():
         bb = V.make_backbone(s.vit)
@@ -142,7 +145,7 @@ def multitask(s: VisionSetup, base: StateDict, base_cfg: dict, trains: Sequence,
     """The upper bound: one backbone trained on all tasks at once (round-robin), one head each."""
     n = sum(len(t) for t in trains)
     cfg = {"base": base_cfg, "tasks": _key(s.tasks), "epochs": s.finetune_epochs, "lr": s.finetune_lr,
-           "delta": s.delta, "n": n}
+           "delta": s.delta, "n": n, "seed": s.seed}
 
     def compute():
         bb = V.make_backbone(s.vit)
@@ -262,7 +265,7 @@ def _run_vision(s: VisionSetup, progress: bool) -> pd.DataFrame:
     base, base_cfg, fts, ft_cfgs = A["base"], A["base_cfg"], A["finetuned"], A["ft_cfgs"]
     bbs = [ft["backbone"] for ft in fts]
     ev = Evaluator(s, [ft["head"] for ft in fts], tests)
-    eval_key = {"ft": list(ft_cfgs), "n_test": s.n_test}
+    eval_key = {"ft": list(ft_cfgs), "n_test": s.n_test, "seed": s.seed}  # seed: test subset, Fisher samples
     rows: list[dict] = []
 
     def record(study: str, method: str, acc: Mapping[int, float], **extra):
@@ -277,9 +280,10 @@ def _run_vision(s: VisionSetup, progress: bool) -> pd.DataFrame:
     individual = {i: cache.cached("vision-eval", {**eval_key, "individual": i}, lambda i=i: ev(bbs[i], [i])[i])
                   for i in range(len(fts))}
     record("individual", "individual", individual)
-    mt = multitask(s, base, base_cfg, trains, progress)
-    record("multitask", "multitask",
-           cache.cached("vision-eval", {**eval_key, "multitask": True}, lambda: ev(mt["backbone"], heads=mt["heads"])))
+    if "multitask" in s.studies:
+        mt = multitask(s, base, base_cfg, trains, progress)
+        record("multitask", "multitask", cache.cached("vision-eval", {**eval_key, "multitask": True},
+                                                      lambda: ev(mt["backbone"], heads=mt["heads"])))
 
     fisher = lambda kind, ex: [task_fisher(s, ft, c, t, tr, kind, ex)  # noqa: E731
                                for ft, c, t, tr in zip(fts, ft_cfgs, s.tasks, trains)]
@@ -297,7 +301,8 @@ def _run_vision(s: VisionSetup, progress: bool) -> pd.DataFrame:
     for d in s.deltas:
         jobs += [("delta", "gradient_matching", s.fisher_kind, s.fisher_examples, a, d) for a in s.alphas]
 
-    fishers: dict[tuple, list] = {}
+    jobs = [j for j in jobs if j[0] in s.studies]
+    fishers: dict[tuple, list] = {(s.fisher_kind, s.fisher_examples): A["fishers"]}
     for study, m, kind, ex, a, d in tqdm(jobs, desc="merges", disable=not progress):
         uses_f = m in ("fisher_average", "gradient_matching")
         if uses_f and (kind, ex) not in fishers:
@@ -309,8 +314,8 @@ def _run_vision(s: VisionSetup, progress: bool) -> pd.DataFrame:
         record(study, m, acc, alpha=None if m in NO_ALPHA else a, delta=d if m == "gradient_matching" else None,
                fisher=kind if uses_f else None, fisher_examples=ex if uses_f else None,
                n_tasks=len(bbs), tasks="+".join(names))
-    rows += mismatch_study(s, base, fts, trains, fishers[(s.fisher_kind, s.fisher_examples)], sizes, evaluated,
-                           progress)
+    if "subsets" in s.studies:
+        rows += mismatch_study(s, base, fts, ft_cfgs, trains, A["fishers"], sizes, evaluated, progress)
 
     df = pd.DataFrame(rows)
     ind = dict(zip(names, [individual[i] for i in range(len(names))]))
@@ -323,15 +328,18 @@ def _run_vision(s: VisionSetup, progress: bool) -> pd.DataFrame:
     for c in cols:
         if c not in df:
             df[c] = None
+    for c in ("fisher_examples", "alpha", "delta", "n_tasks", "mismatch"):
+        df[c] = pd.to_numeric(df[c]).astype(float)
     return df[cols]
 
 
-def mismatch_study(s: VisionSetup, base, fts, trains, fishers, sizes, evaluated, progress=True) -> list[dict]:
+def mismatch_study(s: VisionSetup, base, fts, ft_cfgs, trains, fishers, sizes, evaluated,
+                   progress: bool = True) -> list[dict]:
     """Merges of task subsets of every size (task arithmetic and gradient matching, alpha_t = 1,
     the all-data target): test accuracy and ||m(theta)||, m = sum_t [grad lbar_t(theta) - grad lbar_t(theta_t)]."""
     from .mismatch import gradient_mismatch, total_norm
     names = [t.name for t in s.tasks]
-    at_task = [cache.cached("vision-grad", {"ft": i, "eval": _key(s), "theta": "task"},
+    at_task = [cache.cached("vision-grad", {"ft": ft_cfgs[i], "n": s.mismatch_examples, "theta": "task"},
                             lambda i=i: summed_gradient(s, fts[i]["backbone"], fts[i]["head"], s.tasks[i], trains[i]))
                for i in range(len(fts))]
     rows = []
@@ -354,7 +362,8 @@ def mismatch_study(s: VisionSetup, base, fts, trains, fishers, sizes, evaluated,
         def mism():
             g = [summed_gradient(s, make(), fts[i]["head"], s.tasks[i], trains[i]) for i in sub]
             return total_norm(gradient_mismatch(g, [at_task[i] for i in sub]))
-        norm = cache.cached("vision-grad", {"what": what, "eval": _key(s)}, mism)
+        norm = cache.cached("vision-grad", {"what": what, "ft": [ft_cfgs[i] for i in sub],
+                                            "n": s.mismatch_examples}, mism)
         for i in sub:
             rows.append({"study": "subsets", "method": m, "alpha": 1.0,
                          "delta": s.delta if m == "gradient_matching" else None,
@@ -414,10 +423,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--out", default="results/vision.csv")
     v.add_argument("--data-root", default=None, help="folder of torchvision data sets (full scale)")
+    v.add_argument("--studies", default=",".join(STUDIES),
+                   help=f"comma-separated subset of {','.join(STUDIES)} (individual models always run)")
     v.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    studies = tuple(x.strip() for x in args.studies.split(",") if x.strip())
+    if not set(studies) <= set(STUDIES):
+        ap.error(f"--studies: unknown {sorted(set(studies) - set(STUDIES))}; choose from {','.join(STUDIES)}")
     try:
-        s = setup(args.scale, args.seed, data_root=args.data_root)
+        s = setup(args.scale, args.seed, data_root=args.data_root, studies=studies)
         t0 = time.time()
         df = run_vision(s, progress=not args.no_progress)
     except MergeError as e:
