@@ -142,7 +142,8 @@ class Checkpoint:
     """A safetensors checkpoint opened for reading (directory, index file or single file).
 
     `infos` maps every tensor name to its TensorInfo, in file order. `read` copies (part of) one
-    tensor into a buffer; files are opened read-only and closed by `close()` / the with-block.
+    tensor into a buffer (safe from several threads); files are opened read-only when the
+    checkpoint is opened and closed by `close()` / the with-block.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -163,6 +164,9 @@ class Checkpoint:
                 if k in self.infos:
                     raise MergeError(f"{self.path}: tensor {k!r} appears in two files")
                 self.infos[k] = infos[k]
+        for info in self.infos.values():  # opened up front: reads may come from several threads
+            if info.file not in self._fds:
+                self._fds[info.file] = os.open(info.file, os.O_RDONLY)
 
     def _files(self) -> dict[Path, list[str] | None]:
         """The safetensors files and, for an index, which names each holds."""
@@ -216,6 +220,10 @@ class Checkpoint:
             os.close(fd)
         self._fds.clear()
 
+    def __del__(self) -> None:
+        if getattr(self, "_fds", None):
+            self.close()
+
     @property
     def nbytes(self) -> int:
         return sum(i.nbytes for i in self.infos.values())
@@ -232,7 +240,7 @@ class Checkpoint:
         out = out[:count]
         fd = self._fds.get(info.file)
         if fd is None:
-            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+            raise MergeError(f"{self.path} was closed before reading {name!r}")
         view = memoryview(out.view(torch.uint8).numpy()) if count else memoryview(b"")
         pos, off = 0, info.offset + start * info.dtype.itemsize
         while pos < len(view):
