@@ -83,7 +83,7 @@ def test_two_processes_equal_one(tmp_path, llm):
     d, _, ft = llm
     single = estimate_fisher_file(ft, d / "texts.jsonl", tmp_path / "one.safetensors", kind="empirical",
                                   progress=False)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "toolkit", "fisher",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "toolkit", "fisher",
            str(ft), "--data", str(d / "texts.jsonl"), "--out", str(tmp_path / "two.safetensors"),
            "--kind", "empirical", "--quiet"]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
