@@ -79,7 +79,10 @@ def average(base: Tensor, thetas: list[Tensor], alphas: list[float]) -> Tensor:
 @register("task_arithmetic")
 def task_arithmetic(base: Tensor, thetas: list[Tensor], alphas: list[float]) -> Tensor:
     """Task arithmetic: theta_0 + sum_t alpha_t tau_t (alpha_t < 0 negates a task vector)."""
-    return base + sum(a * (th - base) for a, th in zip(alphas, thetas))
+    out = base.clone()
+    for a, th in zip(alphas, thetas):
+        out.add_(th - base, alpha=a)
+    return out
 
 
 @register("fisher_average", uses_fisher=True)
@@ -107,24 +110,26 @@ def gradient_matching(base: Tensor, thetas: list[Tensor], alphas: list[float], f
     cancelled, the objective has no minimum there, and those elements fall back to task
     arithmetic (the H_t -> 0 limit); a warning says how many.
     """
-    h0 = torch.as_tensor(delta, dtype=base.dtype)
+    h0 = torch.full_like(base, float(delta))
     if base_fisher is not None and base_size:
-        h0 = h0 + base_size * base_fisher.clamp_min(fisher_floor)
-    hs = [n * f.clamp_min(fisher_floor) for n, f in zip(sizes, fishers)]
-    taus = [th - base for th in thetas]
-    scale = h0 + sum(abs(a) * h for a, h in zip(alphas, hs))
+        h0.add_(base_fisher.clamp_min(fisher_floor), alpha=base_size)
+    hbar, scale, num = h0.clone(), h0.clone(), torch.zeros_like(base)
+    for a, n, f, th in zip(alphas, sizes, fishers, thetas):  # fused, in place on our own buffers
+        h = f.clamp_min(fisher_floor).mul_(n)
+        hbar.add_(h, alpha=a)
+        scale.add_(h, alpha=abs(a))
+        num.addcmul_(h.add_(h0), th - base, value=a)
     if (scale == 0).any():
         raise MergeError(f"gradient_matching: {int((scale == 0).sum())} elements have zero precision "
                          "(delta = 0 and every Fisher is zero there): the merge is 0/0; "
                          "use delta > 0 or fisher_floor > 0")
-    hbar = h0 + sum(a * h for a, h in zip(alphas, hs))
-    step = sum(a * (h0 + h) * tau for a, h, tau in zip(alphas, hs, taus)) / hbar
+    step = num.div_(hbar)
     bad = hbar <= 1e-6 * scale
     if bad.any():
         warnings.warn(f"gradient_matching: merged precision not positive in {int(bad.sum())} of "
                       f"{bad.numel()} elements (negative alphas); used task arithmetic there",
                       stacklevel=2)
-        step = torch.where(bad, sum(a * tau for a, tau in zip(alphas, taus)), step)
+        step = torch.where(bad, task_arithmetic(base, thetas, alphas) - base, step)
     return base + step
 
 
@@ -214,9 +219,12 @@ def check_fisher(f: Tensor, ref: Tensor, what: str) -> None:
         raise MergeError(f"{what} has shape {tuple(f.shape)} but the parameter has shape {tuple(ref.shape)}")
     if not f.is_floating_point():
         raise MergeError(f"{what} has dtype {f.dtype}; Fishers must be floating point")
-    if not torch.isfinite(f).all():
-        raise MergeError(f"{what} has {int((~torch.isfinite(f)).sum())} non-finite values (NaN or inf)")
-    if (f < 0).any():
+    if f.numel() == 0:
+        return
+    lo, hi = torch.aminmax(f)  # one pass; NaN propagates into both
+    if not (bool(lo >= 0) and bool(hi < math.inf)):
+        if not torch.isfinite(f).all():
+            raise MergeError(f"{what} has {int((~torch.isfinite(f)).sum())} non-finite values (NaN or inf)")
         raise MergeError(f"{what} has {int((f < 0).sum())} negative values; a diagonal Fisher is >= 0")
 
 
