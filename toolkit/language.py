@@ -677,6 +677,26 @@ def prepare_lm(s: LMSetup | None = None, *, progress: bool = True) -> None:
         lm_fisher(s, s.domains, None, "base-kept")
 
 
+def lm_fisher_totals(s: LMSetup) -> pd.DataFrame:
+    """Per domain: summed Fisher of its fine-tuned model (one example = one sequence), the mean
+    number of predicted tokens per sequence, and their ratio. With token-level Fishers summed over
+    a sequence, domains of short texts get a smaller F_t per example, hence less weight."""
+    rows = []
+    with quiet_settings(1 if s.scale == "tiny" else None):
+        for d in s.domains:
+            f = lm_fisher(s, d, finetune_domain(s, d, progress=False), f"ft-{d}")
+            total = sum(float(v.double().sum()) for v in f.values())
+            del f
+            _, tok = _load("causal_lm", s.model, 0, s.seed)
+            batches = T.lm_batches(tok, T.load_domain(d, "train", s.fisher_examples, n_test=s.n_test, seed=s.seed),
+                                   batch_size=s.batch_size, max_len=s.max_len)
+            seqs = sum(len(b[0]["input_ids"]) for b in batches)
+            tokens = sum(int((b[0]["attention_mask"].sum(1) - 1).clamp_min(0).sum()) for b in batches) / seqs
+            rows.append({"domain": d, "sum F (per sequence)": total, "tokens per sequence": tokens,
+                         "sum F per token": total / tokens})
+    return pd.DataFrame(rows).set_index("domain")
+
+
 def run_lm_domains(s: LMSetup | None = None, *, progress: bool = True) -> pd.DataFrame:
     """Multi-domain LM merging: one row per (study, method, alpha, domain) with the perplexity,
     the base's and the domain's own fine-tuned model's perplexity. Cached as a whole."""
