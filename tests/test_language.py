@@ -93,6 +93,7 @@ def test_removal_diagnostics_by_hand():
     assert d["not_positive"] == pytest.approx(1 / 3)
     gains = torch.tensor([(3 + 1) / 2, 1.0])  # (H_0 + H_r) / Hbar where Hbar > 0
     assert d["gain_median"] == pytest.approx(float(gains.median()))
+    assert d["gain_max"] == pytest.approx(2.0)
 
 
 def test_text_add_tiny_table(tiny_cache):

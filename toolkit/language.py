@@ -337,8 +337,9 @@ def removal_diagnostics(fisher_r: StateDict, size_r: float, alpha: float, delta:
     """Where gradient matching with alpha < 0 is ill-posed or amplifies the task vector:
     step = g tau_r with g = alpha (H_0 + H_r) / (H_0 + alpha H_r). Returns the fraction of elements
     whose merged precision is not positive (merge.py falls back to task arithmetic there) and the
-    median and 99th percentile of |g| / |alpha| where it is positive (1 = task negation)."""
-    gains, bad, total = [], 0, 0
+    median, 99th percentile (of a sample) and maximum of |g| / |alpha| where it is positive
+    (1 = task negation)."""
+    gains, bad, total, gain_max = [], 0, 0, 0.0
     for k, f in fisher_r.items():
         h0 = torch.full_like(f, delta, dtype=torch.float64)
         if base_fisher is not None:
@@ -349,10 +350,11 @@ def removal_diagnostics(fisher_r: StateDict, size_r: float, alpha: float, delta:
         bad += int((~ok).sum())
         total += f.numel()
         g = ((h0 + hr) / hbar)[ok].flatten()
+        gain_max = max(gain_max, float(g.max())) if len(g) else gain_max
         gains.append(g[torch.randperm(len(g), generator=torch.Generator().manual_seed(0))[:20000]].float())
     g = torch.cat(gains) if gains else torch.zeros(1)
     return {"not_positive": bad / max(total, 1), "gain_median": float(g.median()),
-            "gain_p99": float(torch.quantile(g, 0.99))}
+            "gain_p99": float(torch.quantile(g, 0.99)), "gain_max": gain_max}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -733,6 +735,16 @@ def _lm_domains(s: LMSetup, progress: bool) -> list[dict]:
     for r in rows:
         r.update(scale=s.scale, seed=s.seed, base=base_ppl[r["domain"]], individual=own[r["domain"]])
     return [{c: r.get(c) for c in cols} for r in rows]
+
+
+def removal_gains(s: LMSetup, alpha: float, multiple: float) -> dict[str, float]:
+    """removal_diagnostics for the removal run's own Fishers (from the cache after a run), with
+    N_0 = multiple * N_r."""
+    with quiet_settings(1 if s.scale == "tiny" else None):
+        f_r = lm_fisher(s, s.remove, finetune_domain(s, s.remove, progress=False), f"ft-{s.remove}")
+        f_0 = lm_fisher(s, s.domains, None, "base-kept")
+    n_r = float(domain_size(s, s.remove))
+    return removal_diagnostics(f_r, n_r, alpha, s.delta, f_0, multiple * n_r)
 
 
 def run_lm_remove(s: LMSetup | None = None, *, progress: bool = True) -> pd.DataFrame:
