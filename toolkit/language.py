@@ -111,7 +111,8 @@ def _load(kind: str, name: str, n_classes: int, seed: int):
 @contextmanager
 def quiet_settings(threads: int | None = None) -> Iterator[None]:
     """Run quietly (no transformers load reports or progress bars, no oneDNN notes) with
-    `threads` torch threads (None: $TOOLKIT_THREADS, else unchanged); restores everything on exit.
+    `threads` torch threads (None: $TOOLKIT_THREADS, else unchanged); restores everything on exit
+    and forgets the pretrained models loaded meanwhile.
     On a shared CPU one thread is often faster than two that wait for each other."""
     from transformers.utils import logging as hf_logging
     env = os.environ.get("TOOLKIT_THREADS")
@@ -127,6 +128,7 @@ def quiet_settings(threads: int | None = None) -> Iterator[None]:
             warnings.filterwarnings("ignore", message=".*oneDNN.*")
             yield
     finally:
+        _pristine.cache_clear()  # do not hold pretrained copies (SmolLM2: 0.5 GB) between stages
         torch.set_num_threads(old_threads)
         hf_logging.set_verbosity(old_verbosity)
         if bars:
