@@ -1,4 +1,4 @@
-"""The vision experiment of the book, as one function and a command line:
+"""The experiments of the book, as one function and a command line each (vision here, language in language.py):
 
     python -m toolkit.experiments vision --scale small --seed 0 --out results/vision.csv
 
@@ -426,7 +426,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     v.add_argument("--studies", default=",".join(STUDIES),
                    help=f"comma-separated subset of {','.join(STUDIES)} (individual models always run)")
     v.add_argument("--no-progress", action="store_true")
+    from . import language
+    language.add_parsers(sub)
     args = ap.parse_args(argv)
+    if args.experiment in language.EXPERIMENTS:
+        return language.main(args)
     studies = tuple(x.strip() for x in args.studies.split(",") if x.strip())
     if not set(studies) <= set(STUDIES):
         ap.error(f"--studies: unknown {sorted(set(studies) - set(STUDIES))}; choose from {','.join(STUDIES)}")
