@@ -1,5 +1,4 @@
 """Language experiments on tiny random BERT/Llama models (no 135M model, no downloads)."""
-import argparse
 import math
 import os
 
@@ -137,12 +136,9 @@ def test_lm_experiments_tiny(tiny_cache):
 
 
 def test_cli_writes_csv(tiny_cache, tmp_path):
-    ap = argparse.ArgumentParser()
-    sub = ap.add_subparsers(dest="experiment", required=True)
-    L.add_parsers(sub)
+    from toolkit import experiments  # the language commands are registered in the one experiments CLI
     out = tmp_path / "remove.csv"
-    args = ap.parse_args(["lm-remove", "--scale", "tiny", "--out", str(out), "--no-progress"])
-    assert L.main(args) == 0
+    assert experiments.main(["lm-remove", "--scale", "tiny", "--out", str(out), "--no-progress"]) == 0
     assert len(pd.read_csv(out)) == len(L.run_lm_remove(L.lm_setup("tiny"), progress=False))
     with pytest.raises(MergeError, match="scale"):
         L.text_setup("huge")
