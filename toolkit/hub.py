@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from .errors import MergeError
@@ -61,15 +59,21 @@ def gguf_to_dir(gguf: Path, out: Path | None = None) -> Path:
     model = AutoModelForCausalLM.from_config(src.config)
     model.load_state_dict(src.state_dict())
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    return save_dir(out, model, tok)
+
+
+def save_dir(out: Path, *objs) -> Path:
+    """save_pretrained each of `objs` (model, tokenizer) into `out`, atomically: a temp dir renamed
+    at the end. If another process got there first, its complete directory is kept."""
+    from .checkpoint import atomic_dir
+
     try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(out) as tmp:
+            for obj in objs:
+                obj.save_pretrained(tmp)
+    except MergeError:
+        if not (Path(out) / "config.json").exists():
+            raise
     return out
 
 

@@ -23,9 +23,7 @@ import copy
 import functools
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -74,16 +72,7 @@ def tiny_model_dir(kind: str, root: Path | None = None) -> str:
     else:
         model = LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=True,
                                              eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        tmp.rename(out)
-    except OSError:  # another process got there first
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (out / "config.json").exists():
-            raise
+    hub.save_dir(out, model, tok)
     return str(out)
 
 
