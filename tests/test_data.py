@@ -1,5 +1,4 @@
 """Embedded vision data (checksums, corruption, missing files) and torchvision loading from a fake root."""
-import gzip
 import re
 import shutil
 import struct

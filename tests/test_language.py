@@ -7,7 +7,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from toolkit import MergeError, cache, hub, language as L, text as T  # noqa: E402
+from toolkit import MergeError, hub, language as L, text as T  # noqa: E402
 
 
 @pytest.fixture(scope="module")

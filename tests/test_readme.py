@@ -2,7 +2,6 @@
 import re
 from pathlib import Path
 
-import torch
 
 
 def test_quickstart_runs(capsys):

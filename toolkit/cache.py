@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import torch
 
+from .atomic import atomic_file
 from .errors import MergeError
 
 VERSION = 1  # bump when the code that makes cached values changes meaning
@@ -63,13 +63,6 @@ def cached(kind: str, config: Any, compute: Callable[[], T], *, root: Path | Non
         except Exception:  # a truncated or foreign file: recompute and overwrite it
             pass
     value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(value, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return value

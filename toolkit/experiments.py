@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -29,6 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import cache, vision as V
+from .atomic import atomic_file
 from .errors import MergeError
 from .merge import merge_state_dicts
 from .scale import SCALES, get_scale, pick
@@ -403,16 +402,8 @@ def summary(df: pd.DataFrame, study: str = "merge") -> pd.DataFrame:
 
 def write_csv(df: pd.DataFrame, out: str | Path) -> None:
     """Write atomically: a temporary file in the same folder, then rename."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".csv.tmp")
-    os.close(fd)
-    try:
+    with atomic_file(out) as tmp:
         df.to_csv(tmp, index=False)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import Checkpoint, fingerprint, parse_dtype
+from .atomic import atomic_file
 from .errors import MergeError
 
 FORMAT = "toolkit-fisher-1"
@@ -57,15 +57,8 @@ def write_fisher(path: str | os.PathLike, fisher: Mapping[str, Tensor], *, estim
         meta["model_hash"] = model_hash
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in fisher.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in fisher.items()}, str(tmp), metadata=meta)
     return path
 
 

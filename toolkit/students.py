@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import nbformat
+
+from .atomic import atomic_file
 
 ROOT = Path(__file__).resolve().parent.parent
 MASTERS = ROOT / "notebooks"
@@ -99,10 +99,8 @@ def write() -> list[str]:
     want = expected()
     STUDENT.mkdir(exist_ok=True)
     for name, text in want.items():
-        fd, tmp = tempfile.mkstemp(dir=STUDENT, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, STUDENT / name)
+        with atomic_file(STUDENT / name) as tmp:
+            tmp.write_text(text)
     for p in STUDENT.glob("*.ipynb"):
         if p.name not in want:
             p.unlink()
