@@ -1,5 +1,6 @@
 """Merge methods: exactness on the quadratic case, special cases, properties, bad input."""
 import copy
+import threading
 import warnings
 
 import pytest
@@ -8,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from toolkit import MergeError, merge_models, merge_state_dicts
-from toolkit.merge import METHODS, get_method, merge_tensor
+from toolkit.merge import METHODS, get_method, merge_tensor, reuse_scratch
 
 D = torch.float64  # exactness is claimed in float64
 
@@ -232,6 +233,37 @@ def test_removal_is_continuous_in_alpha_across_the_floor():
     step = alphas[0] - alphas[1]
     assert max(abs(b - a) for a, b in zip(out, out[1:])) <= 70 * step
     assert max(map(abs, out)) <= (1 + 1.4) / 0.1  # |theta - theta_0| <= sum_t max(1, |alpha_t|) |tau_t| / guard
+
+
+@pytest.mark.parametrize("alphas", [[0.5, 1.5], [1.0, -0.8]])
+def test_reused_scratch_gives_the_same_results_and_never_aliases_them(alphas):
+    """A thread after reuse_scratch() (the streaming merge's workers) merges chunks of changing size
+    bitwise as with fresh buffers, and no result shares memory with a later call's."""
+    g = torch.Generator().manual_seed(6)
+    chunks = []
+    for n in (64, 200, 7, 200, 300):
+        base = torch.randn(n, generator=g)
+        thetas = [base + torch.randn(n, generator=g) for _ in alphas]
+        fishers = [torch.rand(n, generator=g) for _ in alphas]
+        chunks.append((base, thetas, fishers, torch.rand(n, generator=g)))
+    kw = dict(sizes=[3.0, 5.0], delta=0.1, base_size=2.0)
+
+    def merge_all():
+        out = []
+        for base, thetas, fishers, f0 in chunks:
+            out.append(merge_tensor("task_arithmetic", "w", base, thetas, alphas))
+            out.append(merge_tensor("gradient_matching", "w", base, thetas, alphas, fishers, base_fisher=f0, **kw))
+        return [o.clone() for o in out], out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want, _ = merge_all()
+        got = {}
+        worker = threading.Thread(target=lambda: (reuse_scratch(), got.update(zip(("copies", "results"), merge_all()))))
+        worker.start()
+        worker.join()
+    assert all(torch.equal(a, b) for a, b in zip(want, got["copies"]))
+    assert all(torch.equal(a, b) for a, b in zip(want, got["results"]))  # later calls overwrote nothing
 
 
 def test_ties_trims_elects_and_averages():

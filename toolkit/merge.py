@@ -18,6 +18,7 @@ import copy
 import hashlib
 import inspect
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -92,6 +93,27 @@ def get_method(name: str) -> Method:
 # The methods (per tensor; inputs already validated and in a float compute dtype)
 # ---------------------------------------------------------------------------------------------
 
+_LOCAL = threading.local()  # this thread's reusable scratch buffers (see reuse_scratch)
+
+
+def reuse_scratch() -> None:
+    """From now on this thread's merges reuse their scratch buffers instead of allocating new ones
+    per call: for worker threads that merge many alike chunks, where fresh memory costs page faults."""
+    _LOCAL.pool = {}
+
+
+def scratch(like: Tensor, i: int) -> Tensor:
+    """Uninitialised work buffer number i shaped like `like`: this thread's reused one after
+    reuse_scratch(), else new memory. Never return it: the next call overwrites it."""
+    pool = getattr(_LOCAL, "pool", None)
+    if pool is None:
+        return torch.empty_like(like)
+    key = (i, like.dtype, like.device)
+    if key not in pool or pool[key].numel() < like.numel():
+        pool[key] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+    return pool[key][:like.numel()].view(like.shape)
+
+
 
 @register("average", elementwise=True, alpha_cancels=True, label="averaging", color="#0173b2")
 def average(base: Tensor, thetas: list[Tensor], alphas: list[float]) -> Tensor:
@@ -105,7 +127,7 @@ def average(base: Tensor, thetas: list[Tensor], alphas: list[float]) -> Tensor:
 @register("task_arithmetic", elementwise=True, label="task arithmetic", color="#de8f05")
 def task_arithmetic(base: Tensor, thetas: list[Tensor], alphas: list[float]) -> Tensor:
     """Task arithmetic: theta_0 + sum_t alpha_t tau_t (alpha_t < 0 negates a task vector)."""
-    out, tau = base.clone(), torch.empty_like(base)
+    out, tau = base.clone(), scratch(base, 0)
     for a, th in zip(alphas, thetas):  # one scratch buffer for every tau_t
         out.add_(torch.sub(th, base, out=tau), alpha=a)
     return out
@@ -140,13 +162,13 @@ def gradient_matching(base: Tensor, thetas: list[Tensor], alphas: list[float], f
     """
     if not 0 < guard <= 1:
         raise MergeError(f"gradient_matching: guard must be in (0, 1], got {guard}")
-    h, tau = torch.empty_like(base), torch.empty_like(base)  # scratch for H_t and tau_t
-    hbar, num = torch.full_like(base, float(delta)), torch.zeros_like(base)  # hbar starts as H_0
+    h, tau, hbar = scratch(base, 0), scratch(base, 1), scratch(base, 2).fill_(float(delta))  # hbar from H_0
     h0: Tensor | float = float(delta)
     if base_fisher is not None and base_size:
-        h0 = hbar.add_(torch.clamp_min(base_fisher, fisher_floor, out=h), alpha=base_size).clone()
+        h0 = scratch(base, 3).copy_(hbar.add_(torch.clamp_min(base_fisher, fisher_floor, out=h), alpha=base_size))
     neg = any(a < 0 for a in alphas)
-    s = hbar.clone() if neg else hbar  # S; equal to Hbar when no alpha is negative
+    s = scratch(base, 4).copy_(hbar) if neg else hbar  # S; equal to Hbar when no alpha is negative
+    num = torch.zeros_like(base)  # becomes the output
     for a, n, f, th in zip(alphas, sizes, fishers, thetas):  # in place on the scratch buffers
         if fisher_floor > 0:
             torch.clamp_min(f, fisher_floor, out=h).mul_(n)
