@@ -114,7 +114,6 @@ def scratch(like: Tensor, i: int) -> Tensor:
     return pool[key][:like.numel()].view(like.shape)
 
 
-
 @register("average", elementwise=True, alpha_cancels=True, label="averaging", color="#0173b2")
 def average(base: Tensor, thetas: list[Tensor], alphas: list[float]) -> Tensor:
     """Weighted averaging: sum_t alpha_t theta_t / sum_t alpha_t (equal alphas: plain mean)."""
@@ -162,10 +161,12 @@ def gradient_matching(base: Tensor, thetas: list[Tensor], alphas: list[float], f
     """
     if not 0 < guard <= 1:
         raise MergeError(f"gradient_matching: guard must be in (0, 1], got {guard}")
-    h, tau, hbar = scratch(base, 0), scratch(base, 1), scratch(base, 2).fill_(float(delta))  # hbar from H_0
+    h, tau = scratch(base, 0), scratch(base, 1)  # H_t and tau_t, one model at a time
+    hbar = scratch(base, 2).fill_(float(delta))  # H_0, then Hbar
     h0: Tensor | float = float(delta)
-    if base_fisher is not None and base_size:
-        h0 = scratch(base, 3).copy_(hbar.add_(torch.clamp_min(base_fisher, fisher_floor, out=h), alpha=base_size))
+    if base_fisher is not None and base_size:  # H_0 = delta + N_0 max(F_0, fisher_floor)
+        hbar.add_(torch.clamp_min(base_fisher, fisher_floor, out=h), alpha=base_size)
+        h0 = scratch(base, 3).copy_(hbar)
     neg = any(a < 0 for a in alphas)
     s = scratch(base, 4).copy_(hbar) if neg else hbar  # S; equal to Hbar when no alpha is negative
     num = torch.zeros_like(base)  # becomes the output
