@@ -36,7 +36,8 @@ def _checked(within: str | None = None, integer: bool = False):
         try:
             v = int(s) if integer else float(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if integer else 'a number'}, got {s!r}") from None
+            want = "an integer" if integer else "a number"
+            raise argparse.ArgumentTypeError(f"expected {want}, got {s!r}") from None
         try:
             return validate.number(v, "it", within, integer=integer)
         except MergeError as e:
@@ -111,11 +112,12 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--kind", default="mc", help="Fisher estimator, as toolkit.curvature.fisher (default mc)")
     f.add_argument("--n-samples", type=POSITIVE_INT, default=1, help="sampled labels per example (mc)")
     f.add_argument("--max-examples", type=POSITIVE_INT, default=None, help="use the first N examples only")
-    f.add_argument("--dataset-size", type=_checked("(0, inf)"), default=None, help="N_t recorded for H_t = N_t F_t "
-                   "(default: the number of examples in --data)")
+    f.add_argument("--dataset-size", type=_checked("(0, inf)"), default=None,
+                   help="N_t recorded for H_t = N_t F_t (default: the number of examples in --data)")
     f.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="examples per forward/backward pass "
                    "(per-example gradients are formed inside the batch)")
-    f.add_argument("--max-length", type=_checked("[2, inf)", integer=True), default=128, help="tokens per example (truncation)")
+    f.add_argument("--max-length", type=_checked("[2, inf)", integer=True), default=128,
+                   help="tokens per example (truncation; at least 2: one to predict from, one to predict)")
     f.add_argument("--seed", type=_checked(integer=True), default=0)
     f.add_argument("--backend", default="auto", help="as toolkit.curvature.fisher")
     f.add_argument("--text-key", default="text", help="field of a .jsonl line holding the text")

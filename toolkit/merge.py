@@ -45,7 +45,7 @@ class Method:
     scale_knob: str | None = None   # the knob that plays alpha's role (alphas fixed at 1), e.g. TIES' lam
     label: str = ""                 # name in tables and figures
     color: str | None = None        # colour in figures (matplotlib colour)
-    ranges: Mapping[str, str] = field(default_factory=dict)  # knob -> interval and meaning: {"p": "[0, 1) drop probability"}
+    ranges: Mapping[str, str] = field(default_factory=dict)  # knob -> "[0, 1) drop probability"
 
     @property
     def uses_fisher(self) -> bool:
@@ -131,7 +131,8 @@ def _trim(tau: Tensor, density: float) -> Tensor:
     return torch.where(tau.abs() >= thresh, tau, torch.zeros_like(tau))
 
 
-@register("ties", scale_knob="lam", label="TIES", color="#ca9161", ranges={"density": "(0, 1] fraction of entries kept"})
+@register("ties", scale_knob="lam", label="TIES", color="#ca9161",
+          ranges={"density": "(0, 1] fraction of entries kept"})
 def ties(base: Tensor, thetas: list[Tensor], alphas: list[float], density: float = 0.2,
          lam: float = 1.0) -> Tensor:
     """TIES (Yadav et al. 2023): trim each tau_t to its top `density` entries, elect the sign of

@@ -93,9 +93,10 @@ def _human(n: float) -> str:
     return f"{n:.2f} TB"
 
 
-def check_same(base: Checkpoint, models: Sequence[Checkpoint]) -> None:
+def check_checkpoints(base: Checkpoint, models: Sequence[Checkpoint]) -> None:
     """Every model has exactly the base's tensor names, shapes and dtypes (`validate.check_same`)."""
-    validate.check_same(base.infos, [ck.infos for ck in models], [f"model {i} ({ck.path})" for i, ck in enumerate(models)])
+    labels = [f"model {i} ({ck.path})" for i, ck in enumerate(models)]
+    validate.check_same(base.infos, [ck.infos for ck in models], labels)
 
 
 def _meta_size(ck: Checkpoint, what: str) -> float:
@@ -201,13 +202,14 @@ def merge_checkpoints(base: PathLike, models: Sequence[PathLike], output: PathLi
     chunk = validate.number(chunk, "chunk", "[1, inf)", integer=True)
     if not m.uses_fisher and (fishers or base_fisher):
         raise MergeError(f"method {m.name!r} does not use Fishers, but Fisher files were given")
-    workers = torch.get_num_threads() if threads is None else validate.number(threads, "threads", "[1, 4096]", integer=True)
+    workers = (torch.get_num_threads() if threads is None
+               else validate.number(threads, "threads", "[1, inf)", integer=True))
     with contextlib.ExitStack() as stack:
         stack.callback(torch.set_num_threads, torch.get_num_threads())
         torch.set_num_threads(1)  # parallel over chunks, not inside each small op
         open_ = lambda p: stack.enter_context(Checkpoint(p))  # noqa: E731
         base_ck, cks = open_(base), [open_(p) for p in models]
-        check_same(base_ck, cks)
+        check_checkpoints(base_ck, cks)
         fks, bfk, sizes = _open_fishers(m, open_, base_ck, cks, fishers, sizes, base_fisher, options, check_hash)
         ins = [base_ck, *cks, *fks, *([bfk] if bfk else [])]
         validate.check_output(output, [p for ck in ins for p in (ck.path, *{i.file for i in ck.infos.values()})])

@@ -44,7 +44,8 @@ def _show(value: Any) -> str:
 
 def _say(lo: float, hi: float, lo_closed: bool, hi_closed: bool, within: str) -> str:
     if hi == math.inf:
-        return {(0.0, False): "positive", (0.0, True): "non-negative"}.get((lo, lo_closed), f">{'=' * lo_closed} {lo:g}")
+        named = {(0.0, False): "positive", (0.0, True): "non-negative"}
+        return named.get((lo, lo_closed), f">{'=' * lo_closed} {lo:g}")
     return f"in {within}"
 
 
@@ -57,6 +58,8 @@ def boolean(value: Any, key: str) -> bool:
 
 def number(value: Any, key: str, within: str | None = None, *, integer: bool = False) -> Any:
     """A finite real number (an int if `integer`) inside the interval `within`; never a string or a bool."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool:
+        value = value.item()  # a 0-d tensor alpha is a number
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise MergeError(f"{key} must be a{'n integer' if integer else ' number'}, got {_show(value)}")
     try:

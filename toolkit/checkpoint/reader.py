@@ -172,8 +172,8 @@ class Checkpoint:
                 weight_map = json.loads(p.read_text())["weight_map"]
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                 raise MergeError(f"{p} is not a valid safetensors index ({e!r})") from None
-            if not isinstance(weight_map, dict) or not all(
-                    isinstance(k, str) and isinstance(v, str) and v and Path(v).name == v for k, v in weight_map.items()):
+            if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                           and Path(v).name == v for k, v in weight_map.items()):
                 raise MergeError(f"{p}: its weight_map must map tensor names to shard file names in its "
                                  f"folder, got {str(weight_map)[:60]}")
             files: dict[Path, list[str]] = {}
