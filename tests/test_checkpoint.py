@@ -158,6 +158,6 @@ def test_writes_refuse_folders_files_in_the_way_and_non_finite_data(tmp_path):
 
 
 def test_parse_size_rejects_non_finite_numbers():
-    for bad in (float("nan"), float("inf"), -1, 0):
+    for bad in (float("nan"), float("inf"), -1, 0, "1.2.3GB", ".GB", "..5"):
         with pytest.raises(MergeError):
             parse_size(bad)

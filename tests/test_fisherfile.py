@@ -46,6 +46,9 @@ def test_read_texts(tmp_path, llm):
     (tmp_path / "bad.jsonl").write_text('{"txt": "x"}\n')
     with pytest.raises(MergeError, match="line 1"):
         read_texts(tmp_path / "bad.jsonl")
+    (tmp_path / "binary.txt").write_bytes(b"\xf8\x00\xff weights, not text")
+    with pytest.raises(MergeError, match="not UTF-8"):
+        read_texts(tmp_path / "binary.txt")
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(MergeError, match="no examples"):
         read_texts(tmp_path / "empty.txt")

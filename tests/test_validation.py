@@ -336,6 +336,22 @@ MISTAKES = st.one_of(
 )
 
 
+def put(cfg, where, value) -> None:
+    """cfg[where[0]][where[1]]... = value, where that path still exists (an earlier mistake may have removed it)."""
+    node = cfg
+    for depth, k in enumerate(where):
+        ok = (isinstance(node, dict) and isinstance(k, str)) or \
+             (isinstance(node, list) and isinstance(k, int) and k < len(node))
+        if not ok:
+            return
+        if depth == len(where) - 1:
+            node[k] = value
+        elif isinstance(node, list) or k in node:
+            node = node[k]
+        else:
+            return
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("prop")
@@ -348,11 +364,7 @@ def test_mistyped_configs_exit_2_in_one_line_and_create_nothing(inputs, mistakes
     root, valid = inputs
     cfg = yaml.safe_load(yaml.safe_dump(valid))
     for where, value, _ in mistakes:
-        node = cfg
-        for k in where[:-1]:
-            node = node[k] if isinstance(node, (dict, list)) and (isinstance(node, dict) or k < len(node)) else None
-        if isinstance(node, dict) or (isinstance(node, list) and where[-1] < len(node)):
-            node[where[-1]] = value
+        put(cfg, where, value)
     if cfg == valid:
         return
     before = digest(root)

@@ -91,7 +91,10 @@ def read_texts(path: str | os.PathLike, text_key: str = "text") -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise MergeError(f"data file {path} does not exist")
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    try:
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except UnicodeDecodeError as e:
+        raise MergeError(f"data file {path} is not UTF-8 text (byte {e.start}); give .txt or .jsonl") from None
     if path.suffix != ".jsonl":
         texts = lines
     else:

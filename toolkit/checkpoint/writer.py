@@ -32,7 +32,7 @@ def parse_size(size: int | str) -> int:
             raise MergeError(f"size must be a finite number of bytes, got {size!r}")
         n = int(size)
     else:
-        m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]i?)?[bB]?\s*", str(size))
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kKmMgGtT]i?)?[bB]?\s*", str(size))
         if not m:
             raise MergeError(f"cannot read size {size!r}; write e.g. 2GB, 500MB or a number of bytes")
         unit = (m.group(2) or "").lower()
