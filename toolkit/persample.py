@@ -51,10 +51,12 @@ _BATCHED_FAILS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model
 
 class Rule(NamedTuple):
     """prep(m, x): what grads/sq use instead of x (e.g. the normalised input); grads(m, x, g):
-    per-example grads {attr: [B, *shape]}; sq(m, x, g): sum_n grads^2 directly, or None."""
+    per-example grads {attr: [B, *shape]}; sq(m, x, g): sum_n grads^2 directly, or None;
+    many(m, x, gs): sum_k sum_n grads(x, gs[k])^2 for K output gradients gs [K, B, ...]."""
     grads: Callable
     sq: Callable | None = None
     prep: Callable | None = None
+    many: Callable | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,20 +86,60 @@ def linear_sq(m: nn.Linear, x: Tensor, g: Tensor, g2: Tensor | None = None) -> d
     return out
 
 
-def conv_grads(m: nn.Conv1d | nn.Conv2d, x: Tensor, g: Tensor) -> dict[str, Tensor]:
-    """dW_n = g_n unfold(x_n)^T per group (im2col); padding done first exactly as the layer does."""
+def linear_many(m: nn.Linear, x: Tensor, gs: Tensor) -> dict[str, Tensor]:
+    """K output gradients at once: 2-D inputs (sum_k g_k^2)^T x^2; else one einsum per chunk of
+    examples, sum_kn (sum_t g_knt x_nt^T)^2."""
+    if x.dim() == 2:
+        return linear_sq(m, x, None, (gs * gs).sum(0))
+    K, B = gs.shape[0], x.shape[0]
+    x, gs = x.reshape(B, -1, x.shape[-1]), gs.reshape(K, B, -1, gs.shape[-1])
+    step = max(1, CHUNK_ELEMS // max(1, K * m.weight.numel()))
+    out = {"weight": 0}
+    for i in range(0, B, step):
+        out["weight"] = out["weight"] + torch.einsum("kbto,bti->kboi", gs[:, i:i + step], x[i:i + step]
+                                                     ).square_().sum((0, 1))
+    if m.bias is not None:
+        out["bias"] = gs.sum(2).square().sum((0, 1))
+    return out
+
+
+def _columns(m: nn.Conv1d | nn.Conv2d, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """im2col of x per group [B, G, C/G*kh*kw, L] (padded exactly as the layer does), and g as
+    [..., B, G, O/G, L] (any leading dims of g kept)."""
     mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
     x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
     k, d, s = tuple(m.kernel_size), tuple(m.dilation), tuple(m.stride)
     if isinstance(m, nn.Conv1d):
-        x, g, k, d, s = x.unsqueeze(2), g.unsqueeze(2), (1,) + k, (1,) + d, (1,) + s
+        x, k, d, s = x.unsqueeze(2), (1,) + k, (1,) + d, (1,) + s
     B, G = x.shape[0], m.groups
     cols = F.unfold(x, k, dilation=d, stride=s)  # [B, C*kh*kw, L]
-    cols = cols.reshape(B, G, cols.shape[1] // G, cols.shape[2])
-    g = g.reshape(B, G, g.shape[1] // G, -1)
+    lead = g.shape[:g.dim() - (3 if isinstance(m, nn.Conv1d) else 4)]
+    return (cols.reshape(B, G, cols.shape[1] // G, cols.shape[2]),
+            g.reshape(*lead, B, G, m.out_channels // G, cols.shape[2]))
+
+
+def conv_grads(m: nn.Conv1d | nn.Conv2d, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """dW_n = g_n unfold(x_n)^T per group (im2col)."""
+    cols, g = _columns(m, x, g)
+    B = cols.shape[0]
     out = {"weight": torch.einsum("bgol,bgil->bgoi", g, cols).reshape(B, *m.weight.shape)}
     if m.bias is not None:
         out["bias"] = g.sum(-1).reshape(B, -1)
+    return out
+
+
+def conv_many(m: nn.Conv1d | nn.Conv2d, x: Tensor, gs: Tensor) -> dict[str, Tensor]:
+    """K output gradients at once: the columns are unfolded once, chunked over examples."""
+    K, B = gs.shape[0], x.shape[0]
+    step = max(1, CHUNK_ELEMS // max(1, K * m.weight.numel()))
+    out: dict[str, Tensor] = {}
+    for i in range(0, B, step):
+        cols, g = _columns(m, x[i:i + step], gs[:, i:i + step])
+        parts = {"weight": torch.einsum("kbgol,bgil->kbgoi", g, cols).square_().sum((0, 1)).reshape(m.weight.shape)}
+        if m.bias is not None:
+            parts["bias"] = g.sum(-1).square_().sum((0, 1)).reshape(-1)
+        for a, v in parts.items():
+            out[a] = out[a] + v if a in out else v
     return out
 
 
@@ -174,9 +216,9 @@ def rms_xhat(m: nn.Module, x: Tensor) -> Tensor:
 _BN = nn.modules.batchnorm._BatchNorm
 # module type -> rule
 RULES: dict[type, Rule] = {
-    nn.Linear: Rule(linear_grads, linear_sq),
-    nn.Conv1d: Rule(conv_grads),
-    nn.Conv2d: Rule(conv_grads),
+    nn.Linear: Rule(linear_grads, linear_sq, many=linear_many),
+    nn.Conv1d: Rule(conv_grads, many=conv_many),
+    nn.Conv2d: Rule(conv_grads, many=conv_many),
     nn.Embedding: Rule(embedding_grads, embedding_sq),
     nn.LayerNorm: Rule(trailing_grads, prep=layernorm_xhat),
     nn.RMSNorm: Rule(trailing_grads, prep=rms_xhat),
@@ -224,6 +266,17 @@ def squared_sum(m: nn.Module, rule: Rule, x: Tensor, g: Tensor) -> dict[str, Ten
         for k, v in rule.grads(m, x[i:i + step], g[i:i + step]).items():
             s = (v.square_() if v._base is None else v * v).sum(0)  # in place when not a view of x or g
             out[k] = out[k] + s if k in out else s
+    return out
+
+
+def squared_sum_many(m: nn.Module, rule: Rule, x: Tensor, gs: Tensor) -> dict[str, Tensor]:
+    """sum_k sum_n (per-example grad for output gradient gs[k])^2."""
+    if rule.many is not None:
+        return rule.many(m, x, gs)
+    out: dict[str, Tensor] = {}
+    for g in gs:
+        for a, v in squared_sum(m, rule, x, g).items():
+            out[a] = out[a] + v if a in out else v
     return out
 
 
@@ -432,17 +485,19 @@ class HookEngine:
             return
         self._take(cid, g)
 
-    def _take(self, cid: int, g: Tensor | None, g2: Tensor | None = None) -> None:
+    def _take(self, cid: int, g: Tensor, many: bool = False) -> None:
         """Add one layer call's share: squares now, or deferred for parameters used by several calls.
-        g2 (several output gradients at once): the sum of their g^2, for a 2-D Linear input."""
+        many: g holds K output gradients [K, ...] (only for layers called once)."""
         m, x, _ = self.records[cid]
         mine = self._mine(m)
         if not mine:
             return
         rule, lay, dt = self.layers[m][0], self.probe.layouts.get(m, "first"), self._dtype(m)
         xe = examples(x, lay, self.B)
-        if g2 is not None:
-            got = linear_sq(m, xe, None, examples(g2, lay, self.B))
+        if many:
+            g = g.detach().to(dt)
+            gs = g if lay == "first" else torch.stack([examples(gk, lay, self.B) for gk in g])
+            got = squared_sum_many(m, rule, xe, gs)
         elif all(self.calls[k] == 1 for k in mine.values()):
             got = squared_sum(m, rule, xe, examples(g.detach().to(dt), lay, self.B))
         else:  # a parameter used by several calls (tied weights): square the per-example SUM later
@@ -513,13 +568,16 @@ class HookEngine:
                 for G in Gs[i:]:
                     self.backward(logits, G)
                 return
-            fast = {cid: g for cid, g in zip(live, got) if g is not None and self._linear_2d(cid)}
-            for cid in fast:
-                self._take(cid, None, fast[cid].to(self._dtype(self.records[cid][0])).square().sum(0))
-            for c in range(len(chunk)):
+            shared = set()
+            for cid, g in zip(live, got):
+                if g is not None and not self._once(cid):
+                    shared.add(cid)
+                elif g is not None:
+                    self._take(cid, g, many=True)
+            for c in range(len(chunk) if shared else 0):
                 self.deferred = {}
                 for cid, g in zip(live, got):
-                    if g is not None and cid not in fast:
+                    if cid in shared:
                         self._take(cid, g[c])
                 self._add_deferred()
             for k, g in zip([k for k in self.z if k in self.zparams], got[len(outs):]):
@@ -529,11 +587,9 @@ class HookEngine:
             for G in chunk:
                 self._loop(self._looped(), logits, G)
 
-    def _linear_2d(self, cid: int) -> bool:
-        m, x, _ = self.records[cid]
-        mine = self._mine(m)
-        return (self.layers[m][0].sq is linear_sq and x.dim() == 2 and self.probe.layouts.get(m) == "first"
-                and all(self.calls[k] == 1 for k in mine.values()))
+    def _once(self, cid: int) -> bool:
+        """Are this call's parameters used by this call only?"""
+        return all(self.calls[k] == 1 for k in self._mine(self.records[cid][0]).values())
 
     def _add_z(self, zgrads: dict[str, Tensor | None]) -> None:
         for k, v in zgrads.items():
