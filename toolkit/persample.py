@@ -7,7 +7,7 @@ sum_n dW_n^2 = (g^2)^T (x^2) is one matmul. A forward hook stores x and puts a t
 the tensor hook turns (x, g) into squared per-example gradients while the backward pass runs, so
 the whole model's per-example gradients never exist at once.
 
-Fast rules: nn.Linear, nn.Conv1d/2d (unfold), nn.Embedding, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm,
+Fast rules: nn.Linear, nn.Conv1d/2d (a matmul per kernel offset), nn.Embedding, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm,
 nn.BatchNorm1d/2d/3d (running or batch statistics: y = xhat w + b, dw_n = sum g_n xhat_n), and
 look-alikes (subclasses with their own forward such as timm's LayerNorm; RMSNorm classes such as
 transformers' LlamaRMSNorm) once their first output matches the rule's formula. Leading-dim-1
@@ -103,41 +103,46 @@ def linear_many(m: nn.Linear, x: Tensor, gs: Tensor) -> dict[str, Tensor]:
     return out
 
 
-def _columns(m: nn.Conv1d | nn.Conv2d, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """im2col of x per group [B, G, C/G*kh*kw, L] (padded exactly as the layer does), and g as
-    [..., B, G, O/G, L] (any leading dims of g kept)."""
+def _conv_weight(m: nn.Conv1d | nn.Conv2d, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-example dW_n = sum over output positions of g_n times the input patch, as one batched
+    matmul per kernel offset over strided views of the padded input (no im2col copy):
+    [*lead, B, *weight.shape], and g summed over positions [*lead, B, C_out]. g [*lead, B, C_out, ...]."""
     mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
     x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
     k, d, s = tuple(m.kernel_size), tuple(m.dilation), tuple(m.stride)
     if isinstance(m, nn.Conv1d):
-        x, k, d, s = x.unsqueeze(2), (1,) + k, (1,) + d, (1,) + s
-    B, G = x.shape[0], m.groups
-    cols = F.unfold(x, k, dilation=d, stride=s)  # [B, C*kh*kw, L]
-    lead = g.shape[:g.dim() - (3 if isinstance(m, nn.Conv1d) else 4)]
-    return (cols.reshape(B, G, cols.shape[1] // G, cols.shape[2]),
-            g.reshape(*lead, B, G, m.out_channels // G, cols.shape[2]))
+        x, g, k, d, s = x.unsqueeze(2), g.unsqueeze(-2), (1,) + k, (1,) + d, (1,) + s
+    B, G, (Ho, Wo) = x.shape[0], m.groups, g.shape[-2:]
+    lead = g.shape[:-4]
+    x = x.reshape(B, G, -1, *x.shape[2:])
+    g = g.reshape(*lead, B, G, -1, Ho * Wo)
+    out = None
+    for p in range(k[0]):
+        for q in range(k[1]):
+            xs = x[..., p * d[0]:p * d[0] + (Ho - 1) * s[0] + 1:s[0], q * d[1]:q * d[1] + (Wo - 1) * s[1] + 1:s[1]]
+            v = torch.matmul(g, xs.reshape(B, G, -1, Ho * Wo).transpose(-1, -2))  # [*lead, B, G, O/G, I/G]
+            if out is None:
+                out = v.new_empty(*v.shape, *k)
+            out[..., p, q] = v
+    return out.reshape(*lead, B, *m.weight.shape), g.sum(-1).reshape(*lead, B, -1)
 
 
 def conv_grads(m: nn.Conv1d | nn.Conv2d, x: Tensor, g: Tensor) -> dict[str, Tensor]:
-    """dW_n = g_n unfold(x_n)^T per group (im2col)."""
-    cols, g = _columns(m, x, g)
-    B = cols.shape[0]
-    out = {"weight": torch.einsum("bgol,bgil->bgoi", g, cols).reshape(B, *m.weight.shape)}
-    if m.bias is not None:
-        out["bias"] = g.sum(-1).reshape(B, -1)
-    return out
+    """dW_n = sum_l g_nl patch_nl^T per group, db_n = sum_l g_nl (l: output positions)."""
+    w, b = _conv_weight(m, x, g)
+    return {"weight": w, "bias": b} if m.bias is not None else {"weight": w}
 
 
 def conv_many(m: nn.Conv1d | nn.Conv2d, x: Tensor, gs: Tensor) -> dict[str, Tensor]:
-    """K output gradients at once: the columns are unfolded once, chunked over examples."""
+    """K output gradients gs [K, B, ...] at once, chunked over examples."""
     K, B = gs.shape[0], x.shape[0]
     step = max(1, CHUNK_ELEMS // max(1, K * m.weight.numel()))
     out: dict[str, Tensor] = {}
     for i in range(0, B, step):
-        cols, g = _columns(m, x[i:i + step], gs[:, i:i + step])
-        parts = {"weight": torch.einsum("kbgol,bgil->kbgoi", g, cols).square_().sum((0, 1)).reshape(m.weight.shape)}
+        w, b = _conv_weight(m, x[i:i + step], gs[:, i:i + step])
+        parts = {"weight": w.square_().sum((0, 1))}
         if m.bias is not None:
-            parts["bias"] = g.sum(-1).square_().sum((0, 1)).reshape(-1)
+            parts["bias"] = b.square_().sum((0, 1))
         for a, v in parts.items():
             out[a] = out[a] + v if a in out else v
     return out
