@@ -28,6 +28,7 @@ Each fallback warns once, naming the layer or parameter. The values are never pa
 """
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from collections import Counter
@@ -114,16 +115,19 @@ def _conv_weight(m: nn.Conv1d | nn.Conv2d, x: Tensor, g: Tensor) -> tuple[Tensor
         x, g, k, d, s = x.unsqueeze(2), g.unsqueeze(-2), (1,) + k, (1,) + d, (1,) + s
     B, G, (Ho, Wo) = x.shape[0], m.groups, g.shape[-2:]
     lead = g.shape[:-4]
+    K = math.prod(lead)
     x = x.reshape(B, G, -1, *x.shape[2:])
-    g = g.reshape(*lead, B, G, -1, Ho * Wo)
+    g = g.reshape(K, B, G, -1, Ho * Wo)
+    gk = g.permute(1, 2, 0, 3, 4).reshape(B, G, -1, Ho * Wo) if K > 1 else g[0]  # K folded into O
     out = None
     for p in range(k[0]):
         for q in range(k[1]):
             xs = x[..., p * d[0]:p * d[0] + (Ho - 1) * s[0] + 1:s[0], q * d[1]:q * d[1] + (Wo - 1) * s[1] + 1:s[1]]
-            v = torch.matmul(g, xs.reshape(B, G, -1, Ho * Wo).transpose(-1, -2))  # [*lead, B, G, O/G, I/G]
+            v = torch.matmul(gk, xs.reshape(B, G, -1, Ho * Wo).transpose(-1, -2))  # [B, G, K*O/G, I/G]
             if out is None:
                 out = v.new_empty(*v.shape, *k)
             out[..., p, q] = v
+    out = out.reshape(B, G, K, -1, *out.shape[3:]).permute(2, 0, 1, 3, 4, 5, 6) if K > 1 else out.unsqueeze(0)
     return out.reshape(*lead, B, *m.weight.shape), g.sum(-1).reshape(*lead, B, -1)
 
 
