@@ -729,3 +729,25 @@ def test_nan_inputs_raise():
     for kind in ("mc", "batch_squared"):
         with pytest.raises(MergeError, match="not finite"):
             fisher(model, [(x, y)], kind, progress=False)
+
+
+class Branch(nn.Module):
+    """A layer used only for some inputs (last feature above 5), first met after the check."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.extra, self.head = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        if bool((x[:, -1] > 5).all()):
+            h = torch.tanh(self.extra(h.unsqueeze(0))[0])  # sequence-first-like [1, B, D]
+        return self.head(h)
+
+
+def test_a_layer_first_called_after_the_check_is_checked_then():
+    torch.manual_seed(17)
+    model = Branch().to(D64)
+    x, y = data("mlp", 7)
+    x[4:, -1] = 6.0
+    hooks_vs_loop(model, [(x[:4], y[:4]), (x[4:], y[4:])], "exact")

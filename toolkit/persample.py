@@ -457,9 +457,10 @@ class HookEngine:
                 self.loop += [k for k in own.values() if k not in self.loop]
         if not self.hookable & set(own.values()):
             return None
-        lay = self.probe.layouts.get(m) if self.probe is not None else None
-        if lay is not None and not (fits(lay, x.shape, self.B) and fits(lay, out.shape, self.B)):
-            self.relayout = True  # this batch's shapes contradict the layout found: check again
+        if self.probe is not None:
+            lay = self.probe.layouts.get(m)
+            if lay is None or not (fits(lay, x.shape, self.B) and fits(lay, out.shape, self.B)):
+                self.relayout = True  # not called when checked, or its shapes contradict the layout: check again
         for k in own.values():
             self.calls[k] += 1
         x = x.to(self._dtype(m)) if x.is_floating_point() else x
@@ -695,7 +696,7 @@ class HookEngine:
             if not _close(torch.zeros_like(ref) if zg is None else zg[n:n + 1], ref):
                 no_z.add(k)
         old = self.probe or Probe({}, frozenset(), frozenset())
-        self.probe = Probe({m: lay for m, lay in layouts.items() if lay is not None},
+        self.probe = Probe({**old.layouts, **{m: lay for m, lay in layouts.items() if lay is not None}},
                            frozenset(loop) | old.loop, frozenset(no_z) | old.no_z)
         _PROBED.setdefault(self.model, {})[self.key] = self.probe
         self._apply(self.probe)
