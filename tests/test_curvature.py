@@ -751,3 +751,30 @@ def test_a_layer_first_called_after_the_check_is_checked_then():
     x, y = data("mlp", 7)
     x[4:, -1] = 6.0
     hooks_vs_loop(model, [(x[:4], y[:4]), (x[4:], y[4:])], "exact")
+
+
+class Positions(nn.Module):
+    """Position embeddings of ids [1, L], broadcast over the batch (as BERT's and GPT-2's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(11, 6), nn.Embedding(8, 6), nn.Linear(6, 3)
+
+    def forward(self, ids):
+        h = self.tok(ids) + self.pos(torch.arange(ids.shape[1])[None])
+        return self.head(torch.tanh(h).mean(1))
+
+
+def test_a_layer_output_shared_by_the_batch_is_expanded_per_example():
+    from toolkit.curvature import select_params
+    from toolkit.persample import HookEngine
+    torch.manual_seed(18)
+    model = Positions().to(D64)
+    g = torch.Generator().manual_seed(3)
+    ids, y = torch.randint(0, 11, (5, 7), generator=g), torch.randint(0, 3, (5,), generator=g)
+    hooks_vs_loop(model, [(ids, y)], "exact")
+    chosen, _ = select_params(model, None)
+    with HookEngine(model.eval(), chosen, {k: torch.zeros_like(p) for k, p in chosen.items()}) as eng:
+        z = eng.forward(ids)
+        eng.backward(z, torch.randn_like(z))
+    assert eng.loop == [] and eng.expanded

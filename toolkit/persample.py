@@ -12,7 +12,9 @@ nn.BatchNorm1d/2d/3d (running or batch statistics: y = xhat w + b, dw_n = sum g_
 look-alikes (subclasses with their own forward such as timm's LayerNorm; RMSNorm classes such as
 transformers' LlamaRMSNorm) once their first output matches the rule's formula. Leading-dim-1
 tensors broadcast over the batch (ViT cls_token, pos_embed) are replaced by p + z with z = 0 of
-shape [B, ...], so z.grad holds their per-example gradients. Anything else gets a per-example loop
+shape [B, ...], so z.grad holds their per-example gradients; likewise a covered layer's output
+shared by the whole batch (leading dim 1, e.g. position embeddings of position ids [1, L]) is
+expanded to one copy per example (once per model the logits are checked to be unchanged). Anything else gets a per-example loop
 of backward passes through the batched graph, over just those parameters; parameters the logits do
 not depend on are skipped.
 
@@ -48,6 +50,7 @@ LAYOUTS = ("first", "second", "flat", "flat_t")
 _PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {selection: Probe}
 _LOOKS_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # look-alike layer -> passed its check
 _BATCHED_FAILS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> vmap backward failed
+_EXPAND_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> expanding shared outputs is safe
 
 
 class Rule(NamedTuple):
@@ -392,7 +395,7 @@ class HookEngine:
         if self.probe is not None:
             self._apply(self.probe)
         self.handles: list = []
-        self.hooking = False
+        self.hooking = self.expand = False
         self.mode: str | None = None  # None (hooks idle), "acc" (accumulate), "probe" (record g)
 
     def __enter__(self) -> "HookEngine":
@@ -413,9 +416,6 @@ class HookEngine:
     def forward(self, inputs: Any) -> Tensor:
         """Hooked forward of the batch; leading-dim-1 parameters replaced by p + z."""
         self.B = batch_size(inputs)
-        self.calls: Counter = Counter()
-        self.records: list[tuple[nn.Module, Tensor, Tensor]] = []  # per layer call: (m, prepped x, out)
-        self.relayout = False
         self.dummy = torch.zeros((), requires_grad=True, device=next(iter(self.params.values())).device)
         self.z = {}
         if self.zparams:
@@ -428,15 +428,37 @@ class HookEngine:
                 return self._reached(self._run(call, inputs))
             except (RuntimeError, ValueError, IndexError):  # model cannot take a batch-expanded copy
                 self.loop += self.zparams
-                self.zparams, self.z, self.calls, self.records = [], {}, Counter(), []
+                self.zparams, self.z = [], {}
         return self._reached(self._run(self.model, inputs))
 
     def _run(self, call: Callable, inputs: Any) -> Tensor:
-        self.hooking = True  # the forward hooks act only inside forward()
-        try:
-            return model_logits(call, inputs)
-        finally:
-            self.hooking = False
+        """The hooked forward; layer outputs shared by the whole batch are expanded to one copy per
+        example, once verified (on the model's first such forward) to leave the logits unchanged."""
+        expand = _EXPAND_OK.get(self.model, True)
+        for attempt in (expand, False) if expand else (False,):
+            self.calls, self.records, self.relayout, self.expand, self.expanded = Counter(), [], False, attempt, False
+            self.hooking = True  # the forward hooks act only inside forward()
+            try:
+                logits = model_logits(call, inputs)
+            except (RuntimeError, ValueError, IndexError):
+                if not self.expanded:
+                    raise
+                logits = None
+            finally:
+                self.hooking = False
+            if not self.expanded or self.model in _EXPAND_OK:
+                return logits
+            ok = logits is not None
+            if ok:
+                with torch.no_grad():
+                    ref = model_logits(self.model, inputs)
+                tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(ref.dtype, 1e-2)
+                ok = ref.shape == logits.shape and bool(torch.allclose(
+                    logits.detach(), ref, rtol=tol, atol=tol * float(ref.abs().max())))
+            _EXPAND_OK[self.model] = ok
+            if ok:
+                return logits
+        raise AssertionError("unreachable")
 
     def _reached(self, logits: Tensor) -> Tensor:
         """Note which looped or idle parameters the logits depend on at all (the rest get zeros)."""
@@ -457,6 +479,10 @@ class HookEngine:
                 self.loop += [k for k in own.values() if k not in self.loop]
         if not self.hookable & set(own.values()):
             return None
+        if (self.expand and self.B > 1 and x.shape[:1] == out.shape[:1] == (1,)
+                and not (x.dim() > 1 and x.shape[1] == self.B)):  # shared by the batch, e.g. positions [1, L]
+            x, out = x.expand(self.B, *x.shape[1:]), out.expand(self.B, *out.shape[1:])
+            self.expanded = True
         if self.probe is not None:
             lay = self.probe.layouts.get(m)
             if lay is None or not (fits(lay, x.shape, self.B) and fits(lay, out.shape, self.B)):
