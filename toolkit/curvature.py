@@ -65,7 +65,8 @@ def fisher(model: nn.Module, batches: Iterable[tuple[Any, Any]], kind: str = "mc
     Hooks backend, what is fast and what is checked: per-example rules for nn.Linear, Conv1d/2d,
     Embedding, LayerNorm, RMSNorm (and look-alikes that pass a first-call output check), GroupNorm,
     BatchNorm1d/2d/3d; leading-dim-1 parameters broadcast over the batch (ViT cls_token, pos_embed)
-    by a batch-expanded copy p + z. Checked once per model and selection on a batch of >= 2 examples
+    by a batch-expanded copy p + z, as are layer outputs shared by the batch (position embeddings of
+    ids [1, L]). Checked once per model and selection on a batch of >= 2 examples
     (one extra backward pass): where each layer's examples lie (dim 0, dim 1 as in sequence-first
     attention, or flattened [B*L, D]) and that each hooked parameter's per-example gradient equals
     the true one (fails for weights also used outside their layer, e.g. a `h @ emb.weight.T` head).

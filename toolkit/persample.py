@@ -616,10 +616,8 @@ class HookEngine:
                     if cid in shared:
                         self._take(cid, g[c])
                 self._add_deferred()
-            for k, g in zip([k for k in self.z if k in self.zparams], got[len(outs):]):
-                if g is not None:
-                    g = g.to(self.acc_dtype[k])
-                    self.acc[k] += (g * g).sum((0, 1)).unsqueeze(0)
+            self._add_z({k: None if g is None else g.flatten(0, 1)  # [K * B, ...]
+                         for k, g in zip([k for k in self.z if k in self.zparams], got[len(outs):])})
             for G in chunk:
                 self._loop(self._looped(), logits, G)
 
