@@ -72,6 +72,14 @@ def test_estimate_matches_curvature_and_names_the_checkpoint(tmp_path, llm):
     for k, v in F.items():
         torch.testing.assert_close(v, want[k], rtol=1e-5, atol=1e-9)
     assert sum(v.sum() for v in F.values()) > 0
+    tok = estimate_fisher_file(ft, d / "texts.jsonl", tmp_path / "t.safetensors", kind="empirical",
+                               max_examples=12, batch_size=4, progress=False, per="token")
+    want = fisher(model, batches, "empirical", task="causal_lm", per="token", progress=False)
+    F, meta = read_fisher(tmp_path / "t.safetensors")
+    assert meta.n_examples == want.n == want.n_tokens > 12 and meta.extra["per"] == "token"
+    assert meta.dataset_size == pytest.approx(want.n * len(read_texts(d / "texts.jsonl")) / 12)
+    for k, v in F.items():
+        torch.testing.assert_close(v, want[k], rtol=1e-5, atol=1e-9)
 
 
 def test_reduce_mean_single_process_is_identity():

@@ -77,7 +77,7 @@ def _fisher(args: argparse.Namespace) -> None:
                                 max_examples=args.max_examples, dataset_size=args.dataset_size,
                                 batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
                                 backend=args.backend, text_key=args.text_key, dtype=args.dtype,
-                                progress=not args.quiet)
+                                progress=not args.quiet, per=args.per)
     if info is not None:
         print(f"wrote {describe(info)}")
 
@@ -120,6 +120,8 @@ def parser() -> argparse.ArgumentParser:
                    help="tokens per example (truncation; at least 2: one to predict from, one to predict)")
     f.add_argument("--seed", type=_checked(integer=True), default=0)
     f.add_argument("--backend", default="auto", help="as toolkit.curvature.fisher")
+    f.add_argument("--per", default="sequence", choices=["sequence", "token"],
+                   help="mean over sequences (default) or over counted tokens (N_t then counts tokens)")
     f.add_argument("--text-key", default="text", help="field of a .jsonl line holding the text")
     f.add_argument("--dtype", default="float32", help="dtype to load the model in")
     f.add_argument("--quiet", action="store_true", help="no progress bar")

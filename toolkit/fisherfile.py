@@ -190,10 +190,12 @@ def estimate_fisher_file(model_dir: str | os.PathLike, data: str | os.PathLike, 
                          kind: str = "mc", n_samples: int = 1, max_examples: int | None = None,
                          dataset_size: float | None = None, batch_size: int = 8, max_length: int = 128,
                          seed: int = 0, backend: str = "auto", text_key: str = "text",
-                         dtype: str = "float32", progress: bool = True) -> FisherInfo | None:
+                         dtype: str = "float32", progress: bool = True, per: str = "sequence") -> FisherInfo | None:
     """Estimate the diagonal Fisher of a causal LM checkpoint on a text file and write a Fisher
     file. Runs on every process of an `accelerate launch`; rank 0 writes and returns the info
-    (other ranks return None). dataset_size N_t defaults to the number of texts in the file."""
+    (other ranks return None). per: as toolkit.curvature.fisher ("token": the mean over counted
+    tokens, n_examples counts tokens). dataset_size N_t defaults to the number of texts in the file
+    (per="token": the counted tokens, scaled by texts in the file / texts used)."""
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM
 
@@ -226,14 +228,16 @@ def estimate_fisher_file(model_dir: str | os.PathLike, data: str | os.PathLike, 
         tokenizer = load_tokenizer(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=load_dtype).to(state.device).eval()
         batches = lm_batches(tokenizer, mine, batch_size, max_length, state.device)
-        f = estimate(model, batches, kind, n_samples=n_samples, backend=backend, task="causal_lm",
+        f = estimate(model, batches, kind, n_samples=n_samples, backend=backend, task="causal_lm", per=per,
                      seed=seed + 1000003 * rank, progress=progress and state.is_main_process)
-        f, total = reduce_mean(f, len(mine), world)
+        f, total = reduce_mean(f, f.n, world)
+        if per == "token" and dataset_size is None:
+            size = total * len(texts) / len(used)
         f = to_checkpoint_names(f, ck)
     info = None
     if state.is_main_process:
         write_fisher(out, f, estimator=kind, n_examples=total, dataset_size=size, model_hash=model_hash,
-                     metadata={"task": "causal_lm", "n_samples": n_samples, "processes": world,
+                     metadata={"task": "causal_lm", "per": per, "n_samples": n_samples, "processes": world,
                                "data": Path(data).name, "max_length": max_length})
         info = fisher_info(out)
     state.wait_for_everyone()
