@@ -20,11 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from toolkit.checkpoint import Checkpoint, parse_size
+from toolkit.measure import measure
 
 GiB = 2**30
 
@@ -102,47 +101,6 @@ def make_inputs(work: Path, params: int, n_models: int, n_shards: int) -> tuple[
 
 def shard_files(d: Path) -> list[str]:
     return sorted(str(p) for p in d.glob("*.safetensors"))
-
-
-def measure(cmd: list[str] | str, shell: bool = False, env: dict | None = None, repeat: int = 1,
-            clean: Path | None = None) -> dict:
-    """Run a command `repeat` times, sampling its memory every 20 ms from /proc/PID/smaps_rollup;
-    the fastest run's wall time, the least CPU time (user + sys of it and its children; on a loaded
-    machine steadier than wall time) and the largest peaks (private, private dirty, RSS) over all runs."""
-    best: dict = {}
-    for _ in range(repeat):
-        if clean is not None:  # each run writes a fresh output
-            shutil.rmtree(clean, ignore_errors=True)
-        t0, ru0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-        proc = subprocess.Popen(cmd, shell=shell, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, **(env or {})})
-        peak = {"private": 0, "dirty": 0, "rss": 0}
-
-        def sample():
-            while proc.poll() is None:
-                try:
-                    kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in
-                          open(f"/proc/{proc.pid}/smaps_rollup") if line.startswith(("Private", "Rss")))}
-                    peak["private"] = max(peak["private"], sum(v for k, v in kb.items() if k.startswith("Private")) * 1024)
-                    peak["dirty"] = max(peak["dirty"], kb.get("Private_Dirty", 0) * 1024)
-                    peak["rss"] = max(peak["rss"], kb.get("Rss", 0) * 1024)
-                except (OSError, ValueError):
-                    pass
-                time.sleep(0.02)
-
-        th = threading.Thread(target=sample, daemon=True)
-        th.start()
-        out, err = proc.communicate()
-        th.join()
-        wall = time.perf_counter() - t0
-        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = ru.ru_utime + ru.ru_stime - ru0.ru_utime - ru0.ru_stime
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cmd} failed ({proc.returncode}):\n{err[-3000:]}")
-        run = {"wall": wall, "cpu": cpu, **peak, "stdout": out}
-        best = run if not best else {"wall": min(best["wall"], wall), "cpu": min(best["cpu"], cpu), "stdout": out,
-                                     **{k: max(best[k], peak[k]) for k in peak}}
-    return best
 
 
 def max_rel_err(out: Path, base: Path, models: list[Path], alphas: list[float], other: Path | None = None):

@@ -77,3 +77,11 @@ def test_repository_named_once_consistently():
     targets = [t.split(")")[0] for t in targets]
     assert len(targets) == links.count("https://")
     assert targets and all((ROOT / t).is_file() for t in targets), targets
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
+def test_plumbing_cells_hide_their_code(path):
+    """The rendered book shows no install cell and folds the import/scale cell away."""
+    code = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    assert "remove-input" in code[0].metadata.get("tags", [])
+    assert "hide-input" in code[1].metadata.get("tags", [])

@@ -8,13 +8,13 @@ import sys
 import pytest
 import torch
 
-from tiny_llama import TEXTS, make_llama
 from toolkit.checkpoint import Checkpoint, fingerprint
 from toolkit.curvature import fisher
 from toolkit.errors import MergeError
 from toolkit.fisherfile import (estimate_fisher_file, fisher_info, lm_batches, read_fisher, read_texts,
                                 reduce_mean, write_fisher)
 from toolkit.stream import merge_checkpoints
+from toolkit.tiny import TEXTS, make_llama
 
 
 @pytest.fixture(scope="module")

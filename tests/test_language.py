@@ -133,6 +133,11 @@ def test_lm_experiments_tiny(tiny_cache):
     own = dom[dom.study == "individual"]
     assert set(own["domain"]) == set(s.domains) and (dom["perplexity"] > 1).all()
     assert set(dom.loc[dom.study == "merge", "method"]) == set(METHODS)
+    summ = lm_domains.summary(dom)
+    assert list(summ.index) == list(METHODS) and (summ.loc[NO_ALPHA, "spread_over_alpha"] == 0).all()
+    best = P.at_best(dom, summ["best_alpha"])  # one row per (method, domain), at the best alpha
+    assert len(best) == len(METHODS) * len(s.domains)
+    assert best.groupby("method")["alpha"].first().to_dict() == summ["best_alpha"].to_dict()
     rem = lm_remove.run(s, progress=False)
     assert rem.loc[rem.method == "base", "removed_vs_base"].item() == 1.0
     gm = rem[rem.method == "gradient_matching"]
@@ -142,6 +147,12 @@ def test_lm_experiments_tiny(tiny_cache):
     ft = rem[rem.method == "fine-tuned"]["removed"].item()
     ta = rem[(rem.method == "task_arithmetic") & (rem.alpha == min(s.removal_alphas))]["removed"].item()
     assert ft < rem.loc[rem.method == "base", "removed"].item() < ta
+    curve = rem[rem.method == "task_arithmetic"]
+    mid = float(curve.removed_vs_base.median())
+    assert lm_remove.kept_at(curve, mid) > 0 and math.isnan(lm_remove.kept_at(curve, 1e9))
+    summ = lm_remove.summary(rem)
+    assert len(summ) == 1 + len(s.base_sizes)
+    assert summ.xs("task_arithmetic")["max_removed_vs_base"].iloc[0] > 1
 
 
 def test_cli_writes_csv(tiny_cache, tmp_path):

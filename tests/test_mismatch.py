@@ -64,3 +64,10 @@ def test_predicted_error_with_base_fisher_and_errors():
         gradient_mismatch([m], [{"v": torch.zeros(2)}])
     with pytest.raises(MergeError, match="1 gradients at theta but 2"):
         gradient_mismatch([m], [m, m])
+
+
+def test_max_abs_diff():
+    from toolkit.mismatch import max_abs_diff
+    a = {"w": torch.tensor([1.0, -2.0]), "b": torch.tensor([0.5])}
+    b = {"w": torch.tensor([1.5, 1.0]), "b": torch.tensor([0.5])}
+    assert max_abs_diff(a, b) == 3.0 and max_abs_diff(a, a) == 0.0

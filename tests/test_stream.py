@@ -11,12 +11,12 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from tiny_llama import make_llama
 from toolkit.checkpoint import INDEX, Checkpoint, ShardWriter, fingerprint, save_checkpoint
 from toolkit.errors import MergeError
 from toolkit.fisherfile import write_fisher
 from toolkit.merge import METHODS, merge_state_dicts
 from toolkit.stream import load_config, merge_checkpoints, merge_config
+from toolkit.tiny import make_llama
 
 ALPHAS = [0.7, -0.3, 1.2]
 OPTIONS = {"ties": {"density": 0.5}, "dare": {"p": 0.3, "seed": 1}, "gradient_matching": {"delta": 1e-2},

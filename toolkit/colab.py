@@ -14,10 +14,11 @@ REPO_URL = "https://github.com/merging-book/gradient-matching"  # must equal rep
 BRANCH = "main"
 REQUIREMENT = f"toolkit[book] @ git+{REPO_URL}@{BRANCH}"
 
-CELL = f'''# Colab only: install the toolkit from the book's repository (does nothing anywhere else).
+CELL = f'''# Colab only: install the toolkit from the book's repository (does nothing elsewhere).
 import subprocess, sys
 if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "{REQUIREMENT}"], check=True)'''
+    req = "{REQUIREMENT}"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", req], check=True)'''
 
 
 def in_colab() -> bool:

@@ -72,7 +72,7 @@ def gguf_to_dir(gguf: Path, out: Path | None = None) -> Path:
 def save_dir(out: Path, *objs) -> Path:
     """save_pretrained each of `objs` (model, tokenizer) into `out`, atomically: a temp dir renamed
     at the end. If another process got there first, its complete directory is kept."""
-    from .checkpoint import atomic_dir
+    from .atomic import atomic_dir
 
     try:
         with atomic_dir(out) as tmp:

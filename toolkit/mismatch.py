@@ -46,6 +46,11 @@ def total_norm(m: StateDict) -> float:
     return math.sqrt(sum(float((v.double() ** 2).sum()) for v in m.values()))
 
 
+def max_abs_diff(a: StateDict, b: StateDict) -> float:
+    """Largest absolute difference between two state dicts: max_k max |a_k - b_k|."""
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
 def layer_of(name: str) -> str:
     """'blocks.0.attn.qkv.weight' -> 'blocks.0.attn.qkv' (the module that owns the tensor)."""
     return name.rsplit(".", 1)[0] if "." in name else name

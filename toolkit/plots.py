@@ -72,3 +72,12 @@ def glue_figure(name: str, fig) -> None:
 def legend_outside(ax, **kw) -> None:
     """Legend to the right of the axes, so it never hides a point."""
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, **kw)
+
+
+def glue_all(values, prefix: str = "") -> None:
+    """Glue every entry of a mapping (or a pandas Series) as `prefix + key`, displaying nothing:
+    one call for the numbers a chapter's prose quotes."""
+    from myst_nb import glue
+
+    for key, value in dict(values).items():
+        glue(f"{prefix}{key}", value, display=False)

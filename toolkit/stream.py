@@ -385,3 +385,21 @@ def load_config(config: PathLike | Mapping[str, Any]) -> dict[str, Any]:
 def merge_config(config: PathLike | Mapping[str, Any], **overrides) -> Summary:
     """Run the merge a config describes (overrides: e.g. progress=False, overwrite=True)."""
     return merge_checkpoints(**{**load_config(config), **overrides})
+
+
+def write_config(path: PathLike, base: PathLike, models: Sequence[PathLike], output: PathLike, *,
+                 alphas: Sequence[float] | None = None, fishers: Sequence[PathLike] | None = None,
+                 method: str = "task_arithmetic", **extra: Any) -> Path:
+    """Write the YAML config of a merge (the format above; `extra`: delta, base_fisher,
+    shard_size, ...) atomically to `path` and return `path`."""
+    from .atomic import atomic_file
+
+    alphas = [1.0] * len(models) if alphas is None else list(alphas)
+    entries = [{"path": str(p), "alpha": float(a)} for p, a in zip(models, alphas)]
+    for entry, f in zip(entries, fishers or ()):
+        entry["fisher"] = str(f)
+    cfg = {"base": str(base), "models": entries, "method": method, "output": str(output),
+           **{k: str(v) if isinstance(v, os.PathLike) else v for k, v in extra.items()}}
+    with atomic_file(path) as tmp:
+        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return Path(path)

@@ -112,6 +112,13 @@ def table_cached(cfg: dict, kind: str = "language-table") -> bool:
     return path is not None and path.is_file()
 
 
+def at_best(df: pd.DataFrame, best_alphas: Mapping[str, float]) -> pd.DataFrame:
+    """The merge-study rows of each method at its best alpha (a `summary`'s best_alpha column;
+    alpha NaN, where a common alpha cancels, counts as 1)."""
+    d = df[df["study"] == "merge"].fillna({"alpha": 1.0})
+    return d[d["alpha"] == d["method"].map(dict(best_alphas))]
+
+
 def write_csv(df: pd.DataFrame, out: str | Path) -> None:
     """Write atomically: a temporary file in the same folder, then rename."""
     with atomic_file(out) as tmp:

@@ -1,0 +1,15 @@
+"""toolkit.measure: wall time and peak memory of a child process."""
+import sys
+
+import pytest
+
+from toolkit.measure import measure
+
+
+def test_measures_a_child_that_allocates_and_sleeps():
+    code = "import time; x = bytearray(200 * 2**20); x[::4096] = b'1' * len(x[::4096]); time.sleep(0.4)"
+    r = measure([sys.executable, "-c", code], repeat=2, interval=0.01)
+    assert r["wall"] >= 0.4 and r["dirty"] >= 150 * 2**20 and r["private"] >= r["dirty"]
+    assert r["rss"] >= r["dirty"]
+    with pytest.raises(RuntimeError, match="failed"):
+        measure([sys.executable, "-c", "raise SystemExit(3)"])
