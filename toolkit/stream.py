@@ -16,6 +16,7 @@ Config (YAML; relative paths are relative to the config file):
         alpha: 0.5
         fisher: fishers/news.safetensors  # F_t, Fisher methods only (`python -m toolkit fisher`)
         size: 120000                  # N_t; default: the Fisher file's dataset_size metadata
+        stats: {grams: grams/news.safetensors}  # other statistics a method takes (RegMean's Grams)
       - path: checkpoints/code
         alpha: 0.5
         fisher: fishers/code.safetensors
@@ -55,7 +56,7 @@ from .merge import check_alphas, check_options, compute_dtype, get_method, merge
 
 CONFIG_KEYS = {"base", "models", "method", "options", "delta", "base_fisher", "base_size", "dtype",
                "shard_size", "output", "overwrite"}
-MODEL_KEYS = {"path", "alpha", "fisher", "size"}
+MODEL_KEYS = {"path", "alpha", "fisher", "size", "stats"}
 PathLike = str | os.PathLike
 
 
@@ -168,13 +169,15 @@ def merge_checkpoints(base: PathLike, models: Sequence[PathLike], output: PathLi
                       base_fisher: PathLike | None = None, options: Mapping[str, Any] | None = None,
                       dtype: str | torch.dtype | None = None, shard_size: int | str = "5GB",
                       overwrite: bool = False, progress: bool = True, chunk: int = 1 << 18,
-                      check_hash: bool = True, threads: int | None = None) -> Summary:
+                      check_hash: bool = True, threads: int | None = None,
+                      stats: Mapping[str, Sequence[PathLike]] | None = None) -> Summary:
     """Merge checkpoints on disk tensor by tensor into a new sharded safetensors directory.
 
     Each output tensor is merge_tensor(method, ...) of the inputs' tensors (e.g. task arithmetic
     theta_0 + sum_t alpha_t tau_t); fp16/bf16 are computed in fp32, then cast to `dtype`
     (default: the base's dtype). Inputs are only read; the output appears atomically.
-    threads: worker threads that read and merge chunks in parallel (default: torch's thread count)."""
+    threads: worker threads that read and merge chunks in parallel (default: torch's thread count).
+    stats: the method's other statistics, name -> one safetensors file per model (see `_open_stats`)."""
     t0 = time.perf_counter()
     m = get_method(method)
     options = dict(options or {})
@@ -191,9 +194,10 @@ def merge_checkpoints(base: PathLike, models: Sequence[PathLike], output: PathLi
         base_ck, cks = open_(base), [open_(p) for p in models]
         check_same(base_ck, cks)
         fks, bfk, sizes = _open_fishers(m, open_, base_ck, cks, fishers, sizes, base_fisher, options, check_hash)
+        sks = _open_stats(m, open_, stats, len(cks))
         specs = [Spec(k, out_dtype if out_dtype and i.dtype.is_floating_point else i.dtype, i.shape)
                  for k, i in base_ck.infos.items()]
-        ctx = _Ctx(m, base_ck, cks, fks, bfk, alphas, sizes, options, out_dtype, _Buffers(chunk))
+        ctx = _Ctx(m, base_ck, cks, fks, bfk, alphas, sizes, options, out_dtype, _Buffers(chunk), sks)
         with warnings.catch_warnings():  # the probe's warnings would repeat the merge's
             warnings.simplefilter("ignore")
             ctx.task(next((k for k, i in base_ck.infos.items() if i.dtype.is_floating_point and i.numel),
@@ -255,6 +259,7 @@ class _Ctx:
     options: dict
     out_dtype: torch.dtype | None
     bufs: _Buffers
+    stats: dict[str, list[Checkpoint]]
 
     def spans(self, name: str, whole: bool) -> list[tuple[int, int | None]]:
         """(start, count) chunks of the flattened tensor; (0, None) for the whole tensor."""
@@ -287,7 +292,26 @@ class _Ctx:
         if self.out_dtype is not None and self.out_dtype != info.dtype:  # no double rounding
             cd = compute_dtype(info.dtype)
             base, thetas = base.to(cd), [t.to(cd) for t in thetas]
-        return merge_tensor(self.m, name, base, thetas, self.alphas, fishers, self.sizes, bf, **self.options), nread
+        st = {k: [ck.tensor(name) if name in ck and n is None else None for ck in cks]  # whole tensors only
+              for k, cks in self.stats.items()}
+        return merge_tensor(self.m, name, base, thetas, self.alphas, fishers, self.sizes, bf, st, **self.options), nread
+
+
+def _open_stats(m, open_, stats: Mapping[str, Sequence[PathLike]] | None, n: int) -> dict[str, list[Checkpoint]]:
+    """Statistics files other than Fishers (e.g. RegMean's Grams), one per model, read whole per
+    tensor; a name missing from a file means no statistic for that tensor (None)."""
+    stats = dict(stats or {})
+    want = [s for s in m.stats if s != "fishers"]
+    if sorted(stats) != sorted(want):
+        raise MergeError(f"method {m.name!r} takes the statistics {want or 'none'} (besides Fishers), "
+                         f"got files for {sorted(stats) or 'none'}")
+    if want and m.elementwise:
+        raise MergeError(f"{m.name!r} is element-wise: per-model statistics files are read whole per tensor, "
+                         "which only whole-tensor methods support")
+    for k, paths in stats.items():
+        if len(paths) != n or any(p is None for p in paths):
+            raise MergeError(f"give a {k!r} file for every model: got {len(paths)} for {n} models")
+    return {k: [open_(p) for p in paths] for k, paths in stats.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,7 +343,7 @@ def load_config(config: PathLike | Mapping[str, Any]) -> dict[str, Any]:
     models = config["models"]
     if not isinstance(models, list):
         raise MergeError("config field 'models' must be a list of {path:, alpha:} entries")
-    paths, alphas, fishers, sizes = [], [], [], []
+    paths, alphas, fishers, sizes, stats = [], [], [], [], {}
     for i, e in enumerate(models):
         e = {"path": e} if isinstance(e, (str, os.PathLike)) else e
         if not isinstance(e, Mapping) or "path" not in e:
@@ -330,6 +354,8 @@ def load_config(config: PathLike | Mapping[str, Any]) -> dict[str, Any]:
         alphas.append(e.get("alpha", 1.0))
         fishers.append(rel(e.get("fisher")))
         sizes.append(None if e.get("size") is None else float(e["size"]))
+        for k, p in dict(e.get("stats") or {}).items():
+            stats.setdefault(k, [None] * len(models))[i] = rel(p)
     if any(f is not None for f in fishers) and any(f is None for f in fishers):
         raise MergeError("give a 'fisher' file for every model or for none")
     options = dict(config.get("options") or {})
@@ -340,7 +366,8 @@ def load_config(config: PathLike | Mapping[str, Any]) -> dict[str, Any]:
                 method=str(config["method"]), alphas=alphas,
                 fishers=fishers if fishers and fishers[0] is not None else None, sizes=sizes,
                 base_fisher=rel(config.get("base_fisher")), options=options, dtype=config.get("dtype"),
-                shard_size=config.get("shard_size", "5GB"), overwrite=bool(config.get("overwrite", False)))
+                shard_size=config.get("shard_size", "5GB"), overwrite=bool(config.get("overwrite", False)),
+                stats=stats or None)
 
 
 def merge_config(config: PathLike | Mapping[str, Any], **overrides) -> Summary:
