@@ -194,6 +194,8 @@ def method_kwargs(name, fishers, sizes):
         kw["delta"] = 0.5
     if "grams" in METHODS[name].stats:  # RegMean: an SPD Gram [in, in] per model for the weight "w"
         kw["stats"] = {"grams": [{"w": f["w"].T @ f["w"] + torch.eye(f["w"].shape[1], dtype=D)} for f in fishers]}
+    if "node_fishers" in METHODS[name].stats:  # mask nodes: per-element weights (here: the Fishers)
+        kw["stats"] = {"node_fishers": fishers}
     return kw
 
 

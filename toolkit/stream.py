@@ -273,6 +273,15 @@ class _Ctx:
             return ck.tensor(name)
         return ck.read(name, self.bufs(role, ck.infos[name].dtype), start, n)
 
+    def _stat(self, ck: Checkpoint, role: Any, name: str, start: int, n: int | None) -> Tensor | None:
+        """A statistic for tensor `name`: None if the file has none; chunks only of statistics shaped
+        like the tensor (element-wise methods); others whole (the probe's one-element chunk: None)."""
+        if name not in ck:
+            return None
+        if n is None:
+            return ck.tensor(name)
+        return self._read(ck, ("stat", role), name, start, n) if ck.infos[name].shape == self.base.infos[name].shape else None
+
     def task(self, name: str | None, start: int, n: int | None, slot: Any) -> tuple[Tensor, int]:
         """Merged values of elements [start, start + n) of tensor `name` (all of it if n is None),
         and the number of bytes read. Integer tensors are copied from the base."""
@@ -292,22 +301,19 @@ class _Ctx:
         if self.out_dtype is not None and self.out_dtype != info.dtype:  # no double rounding
             cd = compute_dtype(info.dtype)
             base, thetas = base.to(cd), [t.to(cd) for t in thetas]
-        st = {k: [ck.tensor(name) if name in ck and n is None else None for ck in cks]  # whole tensors only
+        st = {k: [self._stat(ck, (k, i, slot), name, start, n) for i, ck in enumerate(cks)]
               for k, cks in self.stats.items()}
         return merge_tensor(self.m, name, base, thetas, self.alphas, fishers, self.sizes, bf, st, **self.options), nread
 
 
 def _open_stats(m, open_, stats: Mapping[str, Sequence[PathLike]] | None, n: int) -> dict[str, list[Checkpoint]]:
-    """Statistics files other than Fishers (e.g. RegMean's Grams), one per model, read whole per
-    tensor; a name missing from a file means no statistic for that tensor (None)."""
+    """Statistics files other than Fishers (RegMean's Grams, mask-node Fishers), one per model; a name
+    missing from a file means no statistic for that tensor (None)."""
     stats = dict(stats or {})
     want = [s for s in m.stats if s != "fishers"]
     if sorted(stats) != sorted(want):
         raise MergeError(f"method {m.name!r} takes the statistics {want or 'none'} (besides Fishers), "
                          f"got files for {sorted(stats) or 'none'}")
-    if want and m.elementwise:
-        raise MergeError(f"{m.name!r} is element-wise: per-model statistics files are read whole per tensor, "
-                         "which only whole-tensor methods support")
     for k, paths in stats.items():
         if len(paths) != n or any(p is None for p in paths):
             raise MergeError(f"give a {k!r} file for every model: got {len(paths)} for {n} models")
