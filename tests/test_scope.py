@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from toolkit import MergeError
-from toolkit.scope import align, fuse, regulariser, regulariser_grad, scope
+from toolkit.scope import align, attached, fuse, regulariser, regulariser_grad, scope
 
 
 def layers(seed=0):
@@ -48,3 +48,20 @@ def test_fuse_pools_and_align_lands_on_the_scope():
         fuse([scope(p1), {"a.weight": (0.0, 1.0)}])
     with pytest.raises(MergeError, match="lacks"):
         regulariser(p1, {"zzz": (0.0, 1.0)})
+
+
+def test_attached_adds_the_regulariser_gradient_to_any_backward_pass():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    target = {"0.weight": (0.1, 0.3), "2.weight": (0.0, 0.5)}
+    params = dict(model.named_parameters())
+    loss = lambda: model(x).pow(2).sum()  # noqa: E731
+    want = torch.autograd.grad(loss() + 0.7 * regulariser(params, target), list(params.values()))
+    with attached(model, target, 0.7):
+        loss().backward()
+    for (k, p), w in zip(params.items(), want):
+        assert torch.allclose(p.grad, w, atol=1e-12), k
+    model.zero_grad()
+    loss().backward()  # hooks removed on exit
+    assert not torch.allclose(params["0.weight"].grad, want[0])

@@ -9,14 +9,16 @@ mu = mean W, sigma^2 = mean (W - mu)^2. During fine-tuning the regulariser
 
 pulls each scope toward a target (here: the base model's scope), with gradient
 dR/dW = (mu - mu*) / (n sigma*^2) + (sigma / sigma*^2 - 1 / sigma) (W - mu) / (n sigma).
+`attached` applies it inside any training loop (gradient hooks).
 Fusion: several models' scopes become one, the scope of all their weights pooled (mean of the
 means; variance = mean of sigma^2 + mu^2 minus the pooled mean squared), the target of a
 next stage; `align` moves a model's layers onto a scope exactly (W -> mu* + sigma* (W - mu) / sigma).
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -65,6 +67,25 @@ def regulariser_grad(params: Mapping[str, Tensor], target: Scope) -> dict[str, T
         sd = ((w - mu) ** 2).mean().sqrt()
         out[k] = (mu - mu_t) / (n * sd_t ** 2) + (sd / sd_t ** 2 - 1 / sd) * (w - mu) / (n * sd)
     return out
+
+
+@contextlib.contextmanager
+def attached(model: torch.nn.Module, target: Scope, strength: float) -> Iterator[None]:
+    """Inside: every backward pass adds strength * dR/dW to each target layer's gradient (parameter
+    hooks with the closed form), so any training loop fine-tunes with WSA unchanged."""
+    params = dict(model.named_parameters())
+    missing = [k for k in target if k not in params]
+    if missing:
+        raise MergeError(f"scope: the target names layers the model lacks, e.g. {missing[:3]}")
+
+    def hook(k: str):
+        return lambda g: g + strength * regulariser_grad({k: params[k]}, {k: target[k]})[k].to(g.dtype)
+    handles = [params[k].register_hook(hook(k)) for k in target]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def fuse(scopes: Sequence[Scope], weights: Sequence[float] | None = None) -> Scope:
