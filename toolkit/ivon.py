@@ -34,6 +34,7 @@ def _ivon():
 
 def finetune(model: nn.Module, batches: Iterable[tuple[Any, Tensor]], *, steps: int, lr: float, ess: float,
              hess_init: float = 0.1, beta2: float = 0.99, weight_decay: float = 1e-6, mc_samples: int = 1,
+             clip_radius: float = float("inf"),
              loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
              params: Callable[[str], bool] | None = None, seed: int = 0, progress: bool = False,
              desc: str = "IVON") -> dict[str, Tensor]:
@@ -55,7 +56,7 @@ def finetune(model: nn.Module, batches: Iterable[tuple[Any, Tensor]], *, steps: 
     loss_fn = loss_fn or F.cross_entropy
     torch.manual_seed(seed)
     opt = ivon.IVON([p for _, p in named], lr=lr, ess=ess, hess_init=hess_init, beta2=beta2,
-                    weight_decay=weight_decay, mc_samples=mc_samples)
+                    weight_decay=weight_decay, mc_samples=mc_samples, clip_radius=clip_radius)
     model.train()
     data = itertools.cycle(batches) if not hasattr(batches, "__next__") else batches
     try:
