@@ -3,7 +3,8 @@ import pandas as pd
 import pytest
 import torch
 
-from toolkit import experiments as E, related as R
+from toolkit import related as R
+from toolkit.experiments import vision as E
 from toolkit.merge import METHODS, register
 
 

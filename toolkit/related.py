@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Subset
 
-from . import cache, experiments as E, vision as V
-from .merge import METHODS, get_method, merge_at
+from . import cache, vision as V
+from .experiments import pipeline as P, vision as E
+from .merge import METHODS, get_method
 from .mismatch import gradient_mismatch, total_norm
 
 StateDict = Mapping[str, Tensor]
@@ -138,9 +139,7 @@ def sweep(s: E.VisionSetup, method: str, base: StateDict, bbs: Sequence[StateDic
     for knobs in _grid(method):
         for a in m.grid(alphas or s.alphas):
             t = time.perf_counter()
-            merged = merge_at(method, base, bbs, a, fishers=fishers, sizes=sizes, stats=stats,
-                              delta=s.delta, fisher_floor=s.fisher_floor, seed=s.seed,
-                              **{"density": s.ties_density, "p": s.dare_p, **knobs})
+            merged = P.merge(s, method, base, bbs, a, fishers=fishers, sizes=sizes, stats=stats, **knobs)
             sec = time.perf_counter() - t
             r = score(merged)
             rows.append({"method": method, "alpha": a, "knobs": knobs, "merge_seconds": sec,
@@ -360,7 +359,7 @@ def scope_study(s: E.VisionSetup | None = None, strength: float = 1.0, progress:
             for m in ("average", "task_arithmetic", "gradient_matching"):
                 df = sweep(s, m, A["base"], bbs, score, fishers, A["sizes"])
                 best = pick(df)
-                at1 = merge_at(m, A["base"], bbs, 1.0, fishers=fishers, sizes=A["sizes"], delta=s.delta)
+                at1 = P.merge(s, m, A["base"], bbs, 1.0, fishers=fishers, sizes=A["sizes"])
                 rows.append({"fine-tuning": label, "method": m, "alpha": best["alpha"], "test": best["test"],
                              "mismatch_alpha1": mismatch_norm(s, at1, fts, A["trains"], at_task),
                              "scope_spread": scope_spread(A["base"], bbs)})
