@@ -18,7 +18,13 @@ def extra_method():
     METHODS.pop("_second_model")
 
 
-def test_leaderboard_has_a_row_per_registered_method_and_wemoe(extra_method):
+@pytest.fixture
+def cache_env(experiment_cache, monkeypatch):
+    monkeypatch.setenv("TOOLKIT_CACHE", str(experiment_cache))
+    return experiment_cache
+
+
+def test_leaderboard_has_a_row_per_registered_method_and_wemoe(extra_method, cache_env):
     s = E.setup("tiny", studies=())
     lb = R.leaderboard(s, wemoe_steps=2)
     assert set(lb.index) == set(METHODS) | {"wemoe"}

@@ -13,9 +13,10 @@ n_rows, n_examples, model_hash, plus any extra), written atomically like a Fishe
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +41,21 @@ def linear_layers(model: nn.Module, params: Callable[[str], bool] | None = None)
     return out
 
 
+@contextlib.contextmanager
+def pre_hooks(model: nn.Module, hooks: Sequence[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """The model in eval mode with forward pre-hooks on the given modules; both undone on exit."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    handles = [m.register_forward_pre_hook(fn) for m, fn in hooks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in modes.items():
+            m.train(t)
+
+
 @torch.no_grad()
 def grams(model: nn.Module, batches: Iterable[Any], *, params: Callable[[str], bool] | None = None,
           max_examples: int | None = None) -> tuple[dict[str, Tensor], int]:
@@ -62,11 +78,8 @@ def grams(model: nn.Module, batches: Iterable[Any], *, params: Callable[[str], b
             rows[key] += x.shape[0]
         return fn
 
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    handles = [m.register_forward_pre_hook(hook(k)) for k, m in layers.items()]
     seen = 0
-    try:
+    with pre_hooks(model, [(m, hook(k)) for k, m in layers.items()]):
         for batch in batches:
             inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
             if max_examples is not None and seen >= max_examples:
@@ -80,11 +93,6 @@ def grams(model: nn.Module, batches: Iterable[Any], *, params: Callable[[str], b
             keep[0] = None if mask is None else mask.bool()
             model(**inputs) if isinstance(inputs, dict) else model(inputs)
             seen += B
-    finally:
-        for h in handles:
-            h.remove()
-        for m, t in modes.items():
-            m.train(t)
     if seen == 0:
         raise MergeError("grams: no examples in the batches")
     return {k: acc[k] / max(rows[k], 1) for k in layers}, seen

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .batch import logits as model_logits
 from .errors import MergeError
+from .gram import pre_hooks
 from .merge import fisher_average, register
 
 KINDS = ("empirical", "mc")
@@ -96,11 +97,8 @@ def node_fishers(model: nn.Module, batches: Iterable[tuple[Any, Tensor]], kind: 
         return fn
 
     gen = torch.Generator().manual_seed(seed)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    handles = [mods[g.masked].register_forward_pre_hook(hook(g)) for g in groups]
     seen = 0
-    try:
+    with pre_hooks(model, [(mods[g.masked], hook(g)) for g in groups]):
         with torch.enable_grad():
             for x, y in batches:
                 B = len(y)
@@ -122,11 +120,6 @@ def node_fishers(model: nn.Module, batches: Iterable[tuple[Any, Tensor]], kind: 
                 for g, gr in zip(groups, grads):
                     acc[g.name] += (gr.double() ** 2).sum(0).cpu()
                 seen += B
-    finally:
-        for h in handles:
-            h.remove()
-        for m, t in modes.items():
-            m.train(t)
     if seen == 0:
         raise MergeError("mask nodes: no examples in the batches")
     return {k: (v / seen).float() for k, v in acc.items()}, seen

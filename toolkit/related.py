@@ -203,7 +203,7 @@ def wemoe_row(s: E.VisionSetup, A: dict, score: Scorer, rows: list[dict], names,
     on validation among 0 (task arithmetic), steps/3, 2 steps/3 and steps."""
     from .wemoe import adapt, build, extra_parameters, forward_flops
     lam = next(r for r in rows if r["method"] == "task_arithmetic")["alpha"]
-    steps = steps if steps is not None else {"tiny": 3, "small": 60, "full": 500}[s.scale]
+    steps = steps if steps is not None else {"tiny": 3, "small": 30, "full": 500}[s.scale]
     moe = build(V.make_backbone(s.vit), A["base"], [ft["backbone"] for ft in A["finetuned"]],
                 lam=lam, init=lam).to(s.device)
     heads = [h.eval().requires_grad_(False) for h in score.ev["test"].heads]
