@@ -278,13 +278,12 @@ def ivon_study(s: E.VisionSetup | None = None, progress: bool = False) -> pd.Dat
         fts, cfgs = [i[0] for i in ivs], [i[1] for i in ivs]
         bbs = [ft["backbone"] for ft in fts]
         score = Scorer(s, [ft["head"] for ft in fts], bbs, A["tests"])
-        sources = {"IVON (free)": [{"value": ft["hess"], "seconds": 0.0} for ft in fts]}
+        sources = {"IVON (free)": [{"value": ft["hess"], "seconds": 0.0, "step": 1.0} for ft in fts]}
         for kind in ("mc", "exact"):
             sk = replace(s, fisher_kind=kind)
             sources[f"{kind} Fisher (post hoc)"] = [
                 task_statistic(sk, "fishers", ft, {**c, "ivon": True}, t, tr)
                 for ft, c, t, tr in zip(fts, cfgs, s.tasks, A["trains"])]
-        steps = [step_seconds(s, ft, t, tr) for ft, t, tr in zip(fts, s.tasks, A["trains"])]
         rows = []
         for src, got in sources.items():
             df = sweep(s, "gradient_matching", A["base"], bbs, score, [g["value"] for g in got], A["sizes"])
@@ -292,7 +291,7 @@ def ivon_study(s: E.VisionSetup | None = None, progress: bool = False) -> pd.Dat
             rows.append({"H_t": src, "alpha": best["alpha"], "val": best["val"], "test": best["test"],
                          "alpha_spread": df["test"].max() - df["test"].min(),
                          "stat_seconds": sum(g["seconds"] for g in got),
-                         "stat_steps": sum(g["seconds"] / st for g, st in zip(got, steps))})
+                         "stat_steps": sum(g["seconds"] / g["step"] for g in got)})
         ta = sweep(s, "task_arithmetic", A["base"], bbs, score)
         best = pick(ta)
         rows.append({"H_t": "none (task arithmetic)", "alpha": best["alpha"], "val": best["val"],
