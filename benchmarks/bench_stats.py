@@ -6,8 +6,8 @@ On a small ViT (the book's vision backbone at `small` plus a 10-class head) and 
 random images: the diagonal Fisher (mc, exact; hooks backend), the mask-node Fisher (one
 per head and neuron), RegMean's Grams (forward only) and IVON (its Hessian comes with training:
 the cost is the extra time of an IVON step over an AdamW step, times the fine-tuning steps).
-"x step" divides by the median time of one AdamW training step on a batch, measured alternately
-with each row (robust to changing machine load).
+"training steps" is the median ratio to one AdamW training step on a batch, measured alternately
+with each row (robust to changing machine load; `bench_curvature.measure`).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from bench_curvature import timed
+from bench_curvature import measure
 from toolkit.curvature import fisher
 from toolkit.gram import grams
 from toolkit.masknodes import node_fishers
@@ -74,12 +74,12 @@ def main() -> None:
                          ("Fisher, exact (hooks)", lambda: fisher(m, batches, "exact", progress=False)),
                          ("mask-node Fisher", lambda: node_fishers(m, batches)),
                          ("Gram matrices (RegMean)", lambda: grams(m, batches))]:
-            t, t_step, _ = timed(fn, step, args.repeats)
-            rows.append((name, f"{args.examples} examples", t, t / t_step))
-        t_iv, t_step, _ = timed(ivon_step, step, max(args.repeats, 5))
-        rows.append(("IVON step / AdamW step", "1 batch", t_iv, t_iv / t_step))
+            t, ratio, _, _, t_step, _ = measure(fn, step, args.repeats)
+            rows.append((name, f"{args.examples} examples", t, ratio))
+        t_iv, r_iv, _, _, t_step, _ = measure(ivon_step, step, max(args.repeats, 5))
+        rows.append(("IVON step / AdamW step", "1 batch", t_iv, r_iv))
         rows.append(("IVON Hessian (extra over AdamW)", f"{steps} fine-tuning steps",
-                     steps * max(t_iv - t_step, 0.0), steps * max(t_iv / t_step - 1, 0.0)))
+                     steps * t_step * max(r_iv - 1, 0.0), steps * max(r_iv - 1, 0.0)))
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, ViT {sum(p.numel() for p in m.parameters()) / 1e3:.0f}k params, "
           f"batch {args.batch}, median of {args.repeats}; training step {1e3 * t_step:.1f} ms")
