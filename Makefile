@@ -26,6 +26,7 @@ book: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_curvature.py
 	$(BIN)/python benchmarks/bench_merge.py --params 100M --repeat 1
+	$(BIN)/python benchmarks/bench_stats.py
 
 clean:
 	rm -rf _build

@@ -10,10 +10,11 @@ pytest.importorskip("transformers")
 from toolkit import MergeError, hub, lm, text as T, tiny  # noqa: E402
 from toolkit.diagnostics import removal_diagnostics  # noqa: E402
 from toolkit.experiments import lm_domains, lm_remove, pipeline as P, text_add  # noqa: E402
-from toolkit.merge import METHODS  # noqa: E402
 from toolkit.train import trainable  # noqa: E402
 
-NO_ALPHA = [m for m in METHODS if METHODS[m].alpha_cancels]
+BENCH = {m.name: m for m in P.methods()}  # the registered methods whose statistics the benchmarks compute
+
+NO_ALPHA = [m for m in BENCH if BENCH[m].alpha_cancels]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_pipeline_merge_conventions():
     gm = P.merge(s, "gradient_matching", base, models, 1.0, fishers=f, sizes=[1.0, 1.0])["w"]
     assert torch.allclose(gm, P.merge(s, "average", base, models, 1.0)["w"])  # H_0 = 0, equal H_t
     assert [(m.name, a) for m, a in P.grid((0.5, 1.0))] == [
-        (n, a) for n in METHODS for a in ((1.0,) if n in NO_ALPHA else (0.5, 1.0))]
+        (n, a) for n in BENCH for a in ((1.0,) if n in NO_ALPHA else (0.5, 1.0))]
 
 
 def test_removal_diagnostics_by_hand():
@@ -108,7 +109,7 @@ def test_text_add_tiny_table(tiny_cache):
     s = text_add.setup("tiny")
     df = text_add.run(s, progress=False)
     assert set(df["task"]) == set(s.tasks)
-    assert set(df.loc[df.study == "merge", "method"]) == set(METHODS)
+    assert set(df.loc[df.study == "merge", "method"]) == set(BENCH)
     ind = df[df.study == "individual"]
     assert (ind["normalised"] == 1.0).all() and ind["accuracy"].between(0, 1).all()
     ta = df[(df.study == "merge") & (df.method == "task_arithmetic")]
@@ -124,7 +125,7 @@ def test_text_add_tiny_table(tiny_cache):
     assert not calls
     pd.testing.assert_frame_equal(df, again)
     summ = text_add.summary(df)
-    assert set(summ.index) == set(METHODS) and (summ.loc[NO_ALPHA, "spread_over_alpha"] == 0).all()
+    assert set(summ.index) == set(BENCH) and (summ.loc[NO_ALPHA, "spread_over_alpha"] == 0).all()
 
 
 def test_lm_experiments_tiny(tiny_cache):
@@ -132,11 +133,11 @@ def test_lm_experiments_tiny(tiny_cache):
     dom = lm_domains.run(s, progress=False)
     own = dom[dom.study == "individual"]
     assert set(own["domain"]) == set(s.domains) and (dom["perplexity"] > 1).all()
-    assert set(dom.loc[dom.study == "merge", "method"]) == set(METHODS)
+    assert set(dom.loc[dom.study == "merge", "method"]) == set(BENCH)
     summ = lm_domains.summary(dom)
-    assert list(summ.index) == list(METHODS) and (summ.loc[NO_ALPHA, "spread_over_alpha"] == 0).all()
+    assert list(summ.index) == list(BENCH) and (summ.loc[NO_ALPHA, "spread_over_alpha"] == 0).all()
     best = P.at_best(dom, summ["best_alpha"])  # one row per (method, domain), at the best alpha
-    assert len(best) == len(METHODS) * len(s.domains)
+    assert len(best) == len(BENCH) * len(s.domains)
     assert best.groupby("method")["alpha"].first().to_dict() == summ["best_alpha"].to_dict()
     rem = lm_remove.run(s, progress=False)
     assert rem.loc[rem.method == "base", "removed_vs_base"].item() == 1.0

@@ -301,6 +301,10 @@ def method_kwargs(name, fishers, sizes):
         kw["p"] = 0.0
     if name == "gradient_matching":
         kw["delta"] = 0.5
+    if "grams" in METHODS[name].stats:  # RegMean: an SPD Gram [in, in] per model for the weight "w"
+        kw["stats"] = {"grams": [{"w": f["w"].T @ f["w"] + torch.eye(f["w"].shape[1], dtype=D)} for f in fishers]}
+    if "node_fishers" in METHODS[name].stats:  # mask nodes: per-element weights (here: the Fishers)
+        kw["stats"] = {"node_fishers": fishers}
     return kw
 
 
@@ -328,6 +332,8 @@ def test_order_of_tasks_does_not_matter(seed, name, default):
     kw_p = dict(kw)
     if "fishers" in kw:
         kw_p.update(fishers=[fishers[i] for i in perm], sizes=[sizes[i] for i in perm])
+    if "stats" in kw:
+        kw_p["stats"] = {n: [v[i] for i in perm] for n, v in kw["stats"].items()}
     a = merge_state_dicts(name, base, models, alphas, **kw)
     b = merge_state_dicts(name, base, [models[i] for i in perm], [alphas[i] for i in perm], **kw_p)
     assert close(a, b, 1e-10)

@@ -53,9 +53,22 @@ def digest(*dirs):
 def test_stream_equals_in_memory_merge_for_every_method(tmp_path, method):
     base, models, fishers, bpath, paths, fpaths, bf = synthetic(tmp_path)
     uses_f = METHODS[method].uses_fisher
-    alphas = [0.5, 0.3, 0.4] if method in ("fisher_average", "average") else ALPHAS
+    alphas = [0.5, 0.3, 0.4] if method in ("fisher_average", "average", "regmean", "masknode_average") else ALPHAS
     sizes = [100.0, 200.0, 300.0]
     kw = dict(fishers=fishers[:3], sizes=sizes) if uses_f else {}
+    sfiles = None
+    if "grams" in METHODS[method].stats:  # RegMean: a Gram file per model, for the linear weight only
+        from toolkit.gram import write_grams
+        gs = [{"l.w": (lambda a: a @ a.T)(torch.randn(8, 8, generator=torch.Generator().manual_seed(i)))}
+              for i in range(3)]
+        kw["stats"] = {"grams": gs}
+        sfiles = {"grams": [write_grams(tmp_path / f"g{i}.safetensors", g, n_examples=5) for i, g in enumerate(gs)]}
+    if "node_fishers" in METHODS[method].stats:  # mask nodes: per-element weights for some tensors only
+        nf = [{"l.w": f["l.w"] + 0.1, "emb": f["emb"] + 0.1} for f in fishers[:3]]
+        kw["stats"] = {"node_fishers": nf}
+        sfiles = {"node_fishers": [tmp_path / f"n{i}.safetensors" for i in range(3)]}
+        for p, f in zip(sfiles["node_fishers"], nf):
+            save_file(f, str(p))
     if method == "gradient_matching":
         kw |= dict(base_fisher=fishers[3], base_size=50.0)
     want = merge_state_dicts(method, base, models, alphas, **kw, **OPTIONS.get(method, {}))
@@ -63,7 +76,7 @@ def test_stream_equals_in_memory_merge_for_every_method(tmp_path, method):
     s = merge_checkpoints(bpath, paths, tmp_path / "out", method=method, alphas=alphas,
                           fishers=fpaths if uses_f else None,  # sizes come from the files' metadata
                           base_fisher=bf if method == "gradient_matching" else None,
-                          options=OPTIONS.get(method), shard_size=300, chunk=37, progress=False)
+                          options=OPTIONS.get(method), shard_size=300, chunk=37, progress=False, stats=sfiles)
     assert digest(tmp_path) == {**before, **digest(tmp_path / "out")}  # inputs untouched
     got = Checkpoint(tmp_path / "out").state_dict()
     assert set(got) == set(want) and s.tensors == len(want) and s.shards > 1

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from toolkit import cache
-from toolkit.experiments import vision as E
-from toolkit.merge import METHODS
+from toolkit.experiments import pipeline as P, vision as E
+
+METHODS = {m.name: m for m in P.methods()}  # the registered methods whose statistics the benchmark computes
 from toolkit import vision as V
 from toolkit.errors import MergeError
 

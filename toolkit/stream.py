@@ -16,6 +16,7 @@ Config (YAML; relative paths are relative to the config file):
         alpha: 0.5
         fisher: fishers/news.safetensors  # F_t, Fisher methods only (`python -m toolkit fisher`)
         size: 120000                  # N_t; default: the Fisher file's dataset_size metadata
+        stats: {grams: grams/news.safetensors}  # other statistics a method takes (RegMean's Grams)
       - path: checkpoints/code
         alpha: 0.5
         fisher: fishers/code.safetensors
@@ -62,7 +63,7 @@ from .merge import check_alphas, check_options, compute_dtype, get_method, merge
 
 CONFIG_KEYS = {"base", "models", "method", "options", "delta", "base_fisher", "base_size", "dtype",
                "shard_size", "output", "overwrite"}
-MODEL_KEYS = {"path", "alpha", "fisher", "size"}
+MODEL_KEYS = {"path", "alpha", "fisher", "size", "stats"}
 PathLike = str | os.PathLike
 
 
@@ -176,13 +177,15 @@ def merge_checkpoints(base: PathLike, models: Sequence[PathLike], output: PathLi
                       base_fisher: PathLike | None = None, options: Mapping[str, Any] | None = None,
                       dtype: str | torch.dtype | None = None, shard_size: int | str = "5GB",
                       overwrite: bool = False, progress: bool = True, chunk: int = 1 << 18,
-                      check_hash: bool = True, threads: int | None = None) -> Summary:
+                      check_hash: bool = True, threads: int | None = None,
+                      stats: Mapping[str, Sequence[PathLike]] | None = None) -> Summary:
     """Merge checkpoints on disk tensor by tensor into a new sharded safetensors directory.
 
     Each output tensor is merge_tensor(method, ...) of the inputs' tensors (e.g. task arithmetic
     theta_0 + sum_t alpha_t tau_t); fp16/bf16 are computed in fp32, then cast to `dtype`
     (default: the base's dtype). Inputs are only read; the output appears atomically.
-    threads: worker threads that read and merge chunks in parallel (default: torch's thread count)."""
+    threads: worker threads that read and merge chunks in parallel (default: torch's thread count).
+    stats: the method's other statistics, name -> one safetensors file per model (see `_open_stats`)."""
     t0 = time.perf_counter()
     m = get_method(validate.text(method, "method"))
     options = check_options(m, {} if options is None else options)
@@ -211,11 +214,12 @@ def merge_checkpoints(base: PathLike, models: Sequence[PathLike], output: PathLi
         base_ck, cks = open_(base), [open_(p) for p in models]
         check_checkpoints(base_ck, cks)
         fks, bfk, sizes = _open_fishers(m, open_, base_ck, cks, fishers, sizes, base_fisher, options, check_hash)
-        ins = [base_ck, *cks, *fks, *([bfk] if bfk else [])]
+        sks = _open_stats(m, open_, stats, len(cks))
+        ins = [base_ck, *cks, *fks, *([bfk] if bfk else []), *(ck for v in sks.values() for ck in v)]
         validate.check_output(output, [p for ck in ins for p in (ck.path, *{i.file for i in ck.infos.values()})])
         specs = [Spec(k, out_dtype if out_dtype and i.dtype.is_floating_point else i.dtype, i.shape)
                  for k, i in base_ck.infos.items()]
-        ctx = _Ctx(m, base_ck, cks, fks, bfk, alphas, sizes, options, out_dtype, _Buffers(chunk))
+        ctx = _Ctx(m, base_ck, cks, fks, bfk, alphas, sizes, options, out_dtype, _Buffers(chunk), sks)
         with warnings.catch_warnings():  # the probe's warnings would repeat the merge's
             warnings.simplefilter("ignore")
             ctx.task(next((k for k, i in base_ck.infos.items() if i.dtype.is_floating_point and i.numel),
@@ -277,6 +281,7 @@ class _Ctx:
     options: dict
     out_dtype: torch.dtype | None
     bufs: _Buffers
+    stats: dict[str, list[Checkpoint]]
 
     def spans(self, name: str, whole: bool) -> list[tuple[int, int | None]]:
         """(start, count) chunks of the flattened tensor; (0, None) for the whole tensor."""
@@ -289,6 +294,15 @@ class _Ctx:
         if n is None:  # whole tensor, fresh memory
             return ck.tensor(name)
         return ck.read(name, self.bufs(role, ck.infos[name].dtype), start, n)
+
+    def _stat(self, ck: Checkpoint, role: Any, name: str, start: int, n: int | None) -> Tensor | None:
+        """A statistic for tensor `name`: None if the file has none; chunks only of statistics shaped
+        like the tensor (element-wise methods); others whole (the probe's one-element chunk: None)."""
+        if name not in ck:
+            return None
+        if n is None:
+            return ck.tensor(name)
+        return self._read(ck, ("stat", role), name, start, n) if ck.infos[name].shape == self.base.infos[name].shape else None
 
     def task(self, name: str | None, start: int, n: int | None, slot: Any) -> tuple[Tensor, int]:
         """Merged values of elements [start, start + n) of tensor `name` (all of it if n is None),
@@ -309,7 +323,23 @@ class _Ctx:
         if self.out_dtype is not None and self.out_dtype != info.dtype:  # no double rounding
             cd = compute_dtype(info.dtype)
             base, thetas = base.to(cd), [t.to(cd) for t in thetas]
-        return merge_tensor(self.m, name, base, thetas, self.alphas, fishers, self.sizes, bf, **self.options), nread
+        st = {k: [self._stat(ck, (k, i, slot), name, start, n) for i, ck in enumerate(cks)]
+              for k, cks in self.stats.items()}
+        return merge_tensor(self.m, name, base, thetas, self.alphas, fishers, self.sizes, bf, st, **self.options), nread
+
+
+def _open_stats(m, open_, stats: Mapping[str, Sequence[PathLike]] | None, n: int) -> dict[str, list[Checkpoint]]:
+    """Statistics files other than Fishers (RegMean's Grams, mask-node Fishers), one per model; a name
+    missing from a file means no statistic for that tensor (None)."""
+    stats = dict(stats or {})
+    want = [s for s in m.stats if s != "fishers"]
+    if sorted(stats) != sorted(want):
+        raise MergeError(f"method {m.name!r} takes the statistics {want or 'none'} (besides Fishers), "
+                         f"got files for {sorted(stats) or 'none'}")
+    for k, paths in stats.items():
+        if len(paths) != n or any(p is None for p in paths):
+            raise MergeError(f"give a {k!r} file for every model: got {len(paths)} for {n} models")
+    return {k: [open_(validate.path(p, f"stats.{k}[{i}]")) for i, p in enumerate(paths)] for k, paths in stats.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,7 +373,7 @@ def load_config(config: PathLike | Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(models, list) or not models:
         raise MergeError(f"config field 'models' must be a non-empty list of {{path:, alpha:}} entries, "
                          f"got {type(models).__name__} {str(models)[:40]}")
-    paths, alphas, fishers, sizes = [], [], [], []
+    paths, alphas, fishers, sizes, stats = [], [], [], [], {}
     for i, e in enumerate(models):
         key = f"models[{i}]"
         e = {"path": e} if isinstance(e, (str, os.PathLike)) else e
@@ -356,6 +386,8 @@ def load_config(config: PathLike | Mapping[str, Any]) -> dict[str, Any]:
         alphas.append(validate.number(e["alpha"], f"{key}.alpha") if "alpha" in e else 1.0)
         fishers.append(rel(e["fisher"], f"{key}.fisher") if "fisher" in e else None)
         sizes.append(validate.number(e["size"], f"{key}.size", "(0, inf)") if "size" in e else None)
+        for k, p in validate.mapping(e.get("stats", {}), f"{key}.stats").items():
+            stats.setdefault(k, [None] * len(models))[i] = rel(p, f"{key}.stats.{k}")
     if any(f is not None for f in fishers) and any(f is None for f in fishers):
         raise MergeError("give a 'fisher' file for every model or for none")
     m = get_method(validate.text(config["method"], "method"))
@@ -379,7 +411,8 @@ def load_config(config: PathLike | Mapping[str, Any]) -> dict[str, Any]:
                 fishers=fishers if fishers[0] is not None else None, sizes=sizes,
                 base_fisher=rel(config["base_fisher"], "base_fisher") if "base_fisher" in config else None,
                 options=validate.knobs(m, options), dtype=validate.float_dtype(config.get("dtype")),
-                shard_size=shard_size, overwrite=validate.boolean(config.get("overwrite", False), "overwrite"))
+                shard_size=shard_size, overwrite=validate.boolean(config.get("overwrite", False), "overwrite"),
+                stats=stats or None)
 
 
 def merge_config(config: PathLike | Mapping[str, Any], **overrides) -> Summary:

@@ -58,8 +58,11 @@ def default_device() -> str:
 def methods(names: Sequence[str] | None = None, *, fisher: bool | None = None,
             option: str | None = None) -> list[Method]:
     """Registered methods (all, or those named), optionally only those that use Fishers
-    (fisher=True) or take a knob (option='delta'); registry order."""
-    ms = list(METHODS.values()) if names is None else [get_method(n) for n in names]
+    (fisher=True) or take a knob (option='delta'); registry order. "All" leaves out methods that
+    need statistics the benchmarks do not compute (RegMean's Grams, mask-node Fishers: see
+    `toolkit.related`, which computes them)."""
+    ms = ([m for m in METHODS.values() if set(m.stats) <= {"fishers"}] if names is None
+          else [get_method(n) for n in names])
     return [m for m in ms if (fisher is None or m.uses_fisher == fisher)
             and (option is None or option in m.options)]
 

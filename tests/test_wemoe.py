@@ -1,0 +1,75 @@
+"""WEMoE: a one-hot router gives the fine-tuned MLPs, the initial router gives task arithmetic,
+test-time adaptation trains only the routers and lowers the entropy."""
+import pytest
+import torch
+
+from toolkit import MergeError, merge_state_dicts
+from toolkit.wemoe import WEMoEMLP, adapt, build, extra_parameters, forward_flops
+
+
+def vit(seed=0):
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(seed)
+    return VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=0, embed_dim=8, depth=2,
+                             num_heads=2, mlp_ratio=2.0, global_pool="avg").eval()
+
+
+def perturbed(sd, seed, only=None):
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.2 * torch.randn(v.shape, generator=g) if only is None or only in k else v.clone()
+            for k, v in sd.items()}
+
+
+def test_one_hot_router_reproduces_each_fine_tuned_model_on_its_mlps():
+    model = vit()
+    base = model.state_dict()
+    fts = [perturbed(base, 1), perturbed(base, 2), perturbed(base, 3)]
+    moe = build(model, base, fts, lam=0.3)
+    x = torch.randn(5, 4, 8)  # [B, tokens, C]
+    ref = vit()
+    for t in range(3):
+        ref.load_state_dict(fts[t])
+        for i in range(2):
+            mlp = moe.blocks[i].mlp
+            assert isinstance(mlp, WEMoEMLP)
+            mlp.fixed = torch.eye(3)[t]
+            assert torch.allclose(mlp(x), ref.blocks[i].mlp(x), atol=1e-5)
+    only_mlp = [perturbed(base, s, only=".mlp.") for s in (4, 5)]  # tasks that differ in their MLPs only
+    moe = build(model, base, only_mlp)
+    imgs = torch.randn(3, 1, 8, 8)
+    for t in range(2):
+        for blk in moe.blocks:
+            blk.mlp.fixed = torch.eye(2)[t]
+        ref.load_state_dict(only_mlp[t])
+        assert torch.allclose(moe(imgs), ref(imgs), atol=1e-5)
+
+
+def test_initial_router_is_task_arithmetic_and_adaptation_trains_routers_only():
+    model = vit()
+    base = model.state_dict()
+    fts = [perturbed(base, 1), perturbed(base, 2)]
+    moe = build(model, base, fts, lam=0.3, init=0.3)
+    ta = vit()
+    ta.load_state_dict(merge_state_dicts("task_arithmetic", base, fts, [0.3, 0.3]))
+    imgs = torch.randn(6, 1, 8, 8)
+    assert torch.allclose(moe(imgs), ta(imgs), atol=1e-5)
+    heads = [torch.nn.Linear(8, 3), torch.nn.Linear(8, 4)]
+    frozen = {n: b.clone() for n, b in moe.state_dict().items() if ".router." not in n}
+    routers0 = {n: p.detach().clone() for n, p in moe.named_parameters() if p.requires_grad}
+    losses = adapt(moe, heads, [[imgs[:3]], [imgs[3:]]], steps=30, lr=1e-2)
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(frozen[n], b) for n, b in moe.state_dict().items() if n in frozen)
+    assert any(not torch.equal(routers0[n], p) for n, p in moe.named_parameters() if p.requires_grad)
+    extra = extra_parameters(moe)
+    mlp_params = sum(v.numel() for k, v in base.items() if ".mlp." in k)
+    assert extra["task_vectors"] == 2 * mlp_params and extra["routers"] == 2 * (8 * 8 + 8 + 8 * 2 + 2)
+    fl = forward_flops(moe, tokens=5)
+    assert fl["wemoe_mlp"] > 3 * fl["merged_mlp"]
+
+
+def test_bad_input():
+    model = vit()
+    with pytest.raises(MergeError, match="no models"):
+        build(model, model.state_dict(), [])
+    with pytest.raises(MergeError, match="no `mlp`"):
+        build(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).state_dict(), [torch.nn.Linear(2, 2).state_dict()])
