@@ -111,56 +111,6 @@ def task_arithmetic(base: Tensor, thetas: list[Tensor], alphas: list[float]) -> 
     return out
 
 
-@register("fisher_average", stats=("fishers",), elementwise=True, alpha_cancels=True,
-          label="Fisher averaging", color="#029e73")
-def fisher_average(base: Tensor, thetas: list[Tensor], alphas: list[float], fishers: list[Tensor],
-                   sizes: list[float], fisher_floor: float = 0.0) -> Tensor:
-    """Fisher-weighted averaging: sum_t alpha_t H_t theta_t / sum_t alpha_t H_t, H_t = N_t max(F_t, floor)."""
-    if any(a < 0 for a in alphas):
-        raise MergeError("fisher_average needs non-negative alphas; use gradient_matching to remove data")
-    weights = [a * n * f.clamp_min(fisher_floor) for a, n, f in zip(alphas, sizes, fishers)]
-    den = sum(weights)
-    if (den == 0).any():
-        raise MergeError(f"fisher_average: {int((den == 0).sum())} elements have zero total Fisher, "
-                         "so the average is 0/0; pass fisher_floor > 0")
-    return sum(w * th for w, th in zip(weights, thetas)) / den
-
-
-@register("gradient_matching", stats=("fishers",), needs_sizes=True, elementwise=True,
-          label="gradient matching", color="#cc78bc")
-def gradient_matching(base: Tensor, thetas: list[Tensor], alphas: list[float], fishers: list[Tensor],
-                      sizes: list[float], base_fisher: Tensor | None = None, delta: float = 1e-12,
-                      base_size: float = 0.0, fisher_floor: float = 0.0) -> Tensor:
-    """Uncertainty-based gradient matching: theta_0 + Hbar^{-1} sum_t alpha_t (H_0 + H_t) tau_t.
-
-    Hbar = H_0 + sum_t alpha_t H_t, H_0 = delta + N_0 F_0, H_t = N_t F_t (all diagonal).
-    Guard for alpha_t < 0: where Hbar <= 1e-6 (H_0 + sum_t |alpha_t| H_t) the precision has
-    cancelled, the objective has no minimum there, and those elements fall back to task
-    arithmetic (the H_t -> 0 limit); a warning says how many.
-    """
-    h0 = torch.full_like(base, float(delta))
-    if base_fisher is not None and base_size:
-        h0.add_(base_fisher.clamp_min(fisher_floor), alpha=base_size)
-    hbar, scale, num = h0.clone(), h0.clone(), torch.zeros_like(base)
-    for a, n, f, th in zip(alphas, sizes, fishers, thetas):  # fused, in place on our own buffers
-        h = f.clamp_min(fisher_floor).mul_(n)
-        hbar.add_(h, alpha=a)
-        scale.add_(h, alpha=abs(a))
-        num.addcmul_(h.add_(h0), th - base, value=a)
-    if (scale == 0).any():
-        raise MergeError(f"gradient_matching: {int((scale == 0).sum())} elements have zero precision "
-                         "(delta = 0 and every Fisher is zero there): the merge is 0/0; "
-                         "use delta > 0 or fisher_floor > 0")
-    step = num.div_(hbar)
-    bad = hbar <= 1e-6 * scale
-    if bad.any():
-        warnings.warn(f"gradient_matching: merged precision not positive in {int(bad.sum())} of "
-                      f"{bad.numel()} elements (negative alphas); used task arithmetic there",
-                      stacklevel=2)
-        step = torch.where(bad, task_arithmetic(base, thetas, alphas) - base, step)
-    return base + step
-
-
 def _trim(tau: Tensor, density: float) -> Tensor:
     """Keep the top `density` fraction of entries by magnitude (TIES step 1), zero the rest."""
     k = int(math.ceil(density * tau.numel()))
@@ -211,6 +161,56 @@ def dare(base: Tensor, thetas: list[Tensor], alphas: list[float], p: float = 0.5
             tau = torch.where(keep.to(tau.device), tau / (1 - p), torch.zeros_like(tau))
         out += a * tau
     return out
+
+
+@register("fisher_average", stats=("fishers",), elementwise=True, alpha_cancels=True,
+          label="Fisher averaging", color="#029e73")
+def fisher_average(base: Tensor, thetas: list[Tensor], alphas: list[float], fishers: list[Tensor],
+                   sizes: list[float], fisher_floor: float = 0.0) -> Tensor:
+    """Fisher-weighted averaging: sum_t alpha_t H_t theta_t / sum_t alpha_t H_t, H_t = N_t max(F_t, floor)."""
+    if any(a < 0 for a in alphas):
+        raise MergeError("fisher_average needs non-negative alphas; use gradient_matching to remove data")
+    weights = [a * n * f.clamp_min(fisher_floor) for a, n, f in zip(alphas, sizes, fishers)]
+    den = sum(weights)
+    if (den == 0).any():
+        raise MergeError(f"fisher_average: {int((den == 0).sum())} elements have zero total Fisher, "
+                         "so the average is 0/0; pass fisher_floor > 0")
+    return sum(w * th for w, th in zip(weights, thetas)) / den
+
+
+@register("gradient_matching", stats=("fishers",), needs_sizes=True, elementwise=True,
+          label="gradient matching", color="#cc78bc")
+def gradient_matching(base: Tensor, thetas: list[Tensor], alphas: list[float], fishers: list[Tensor],
+                      sizes: list[float], base_fisher: Tensor | None = None, delta: float = 1e-12,
+                      base_size: float = 0.0, fisher_floor: float = 0.0) -> Tensor:
+    """Uncertainty-based gradient matching: theta_0 + Hbar^{-1} sum_t alpha_t (H_0 + H_t) tau_t.
+
+    Hbar = H_0 + sum_t alpha_t H_t, H_0 = delta + N_0 F_0, H_t = N_t F_t (all diagonal).
+    Guard for alpha_t < 0: where Hbar <= 1e-6 (H_0 + sum_t |alpha_t| H_t) the precision has
+    cancelled, the objective has no minimum there, and those elements fall back to task
+    arithmetic (the H_t -> 0 limit); a warning says how many.
+    """
+    h0 = torch.full_like(base, float(delta))
+    if base_fisher is not None and base_size:
+        h0.add_(base_fisher.clamp_min(fisher_floor), alpha=base_size)
+    hbar, scale, num = h0.clone(), h0.clone(), torch.zeros_like(base)
+    for a, n, f, th in zip(alphas, sizes, fishers, thetas):  # fused, in place on our own buffers
+        h = f.clamp_min(fisher_floor).mul_(n)
+        hbar.add_(h, alpha=a)
+        scale.add_(h, alpha=abs(a))
+        num.addcmul_(h.add_(h0), th - base, value=a)
+    if (scale == 0).any():
+        raise MergeError(f"gradient_matching: {int((scale == 0).sum())} elements have zero precision "
+                         "(delta = 0 and every Fisher is zero there): the merge is 0/0; "
+                         "use delta > 0 or fisher_floor > 0")
+    step = num.div_(hbar)
+    bad = hbar <= 1e-6 * scale
+    if bad.any():
+        warnings.warn(f"gradient_matching: merged precision not positive in {int(bad.sum())} of "
+                      f"{bad.numel()} elements (negative alphas); used task arithmetic there",
+                      stacklevel=2)
+        step = torch.where(bad, task_arithmetic(base, thetas, alphas) - base, step)
+    return base + step
 
 
 # ---------------------------------------------------------------------------------------------
