@@ -134,7 +134,7 @@ def fisher(s: LMSetup, domain: str | Sequence[str], params: StateDict | None, at
     cfg = {"exp": "lm", "at": at, "domains": domains, "examples": s.fisher_examples,
            "data": [_cfg(s, d)["data"] for d in domains],
            **{k: v for k, v in _cfg(s, "").items() if k not in ("domain", "data")},
-           **({"per": per} if per != "sequence" else {})}
+           **({"per": per, "native": "per" in inspect.signature(estimate).parameters} if per != "sequence" else {})}
 
     def compute():
         model, tok = load(s)
