@@ -96,10 +96,13 @@ def _cfg(s: LMSetup, domain: str) -> dict:
 
 
 def table_cfg(s: LMSetup, exp: str) -> dict:
-    """The cache key of a result table: the whole setup, the data and the registered methods."""
+    """The cache key of a result table: the whole setup, the data, the registered methods with
+    their knob defaults (e.g. the removal guard) and whether the estimator has per-token Fishers."""
+    from ..curvature import fisher as estimate
     domains = s.domains if exp == "lm-domains" else (s.remove, *s.domains)
     fps = [data(s, d, sp).fingerprint() for d in domains for sp in ("train", "val", "test")]
-    return {"exp": exp, **asdict(s), "data": fps, "methods": list(METHODS)}
+    return {"exp": exp, **asdict(s), "data": fps, "methods": {k: m.defaults for k, m in METHODS.items()},
+            "per_token_native": "per" in inspect.signature(estimate).parameters}
 
 
 def domain_size(s: LMSetup, domain: str, per: str = "sequence") -> int:
