@@ -4,7 +4,6 @@ cached by configuration. SmolLM2-135M at small and full, a random tiny Llama at 
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping, Sequence
@@ -96,13 +95,11 @@ def _cfg(s: LMSetup, domain: str) -> dict:
 
 
 def table_cfg(s: LMSetup, exp: str) -> dict:
-    """The cache key of a result table: the whole setup, the data, the registered methods with
-    their knob defaults (e.g. the removal guard) and whether the estimator has per-token Fishers."""
-    from ..curvature import fisher as estimate
+    """The cache key of a result table: the whole setup, the data, and the registered methods with
+    their knob defaults (e.g. the removal guard)."""
     domains = s.domains if exp == "lm-domains" else (s.remove, *s.domains)
     fps = [data(s, d, sp).fingerprint() for d in domains for sp in ("train", "val", "test")]
-    return {"exp": exp, **asdict(s), "data": fps, "methods": {k: m.defaults for k, m in METHODS.items()},
-            "per_token_native": "per" in inspect.signature(estimate).parameters}
+    return {"exp": exp, **asdict(s), "data": fps, "methods": {k: m.defaults for k, m in METHODS.items()}}
 
 
 def domain_size(s: LMSetup, domain: str, per: str = "sequence") -> int:
@@ -137,7 +134,7 @@ def fisher(s: LMSetup, domain: str | Sequence[str], params: StateDict | None, at
     cfg = {"exp": "lm", "at": at, "domains": domains, "examples": s.fisher_examples,
            "data": [_cfg(s, d)["data"] for d in domains],
            **{k: v for k, v in _cfg(s, "").items() if k not in ("domain", "data")},
-           **({"per": per, "native": "per" in inspect.signature(estimate).parameters} if per != "sequence" else {})}
+           **({"per": per} if per != "sequence" else {})}
 
     def compute():
         model, tok = load(s)
@@ -145,17 +142,9 @@ def fisher(s: LMSetup, domain: str | Sequence[str], params: StateDict | None, at
             model.load_state_dict(params, strict=False)
         n = math.ceil(s.fisher_examples / len(domains))
         bs = [b for d in domains for b in batches(s, tok, d, "train", n)]
-        if per == "sequence" or "per" in inspect.signature(estimate).parameters:
-            kw = {"per": per} if per != "sequence" else {}
-            f = estimate(model, bs, "mc", task="causal_lm", seed=s.seed, progress=False,
-                         max_examples=s.fisher_examples, **kw)
-            return {k: v.cpu() for k, v in f.items()}
-        # an estimator without per="token": E[F_seq] = (tokens / sequences) F_tok, cross terms of the
-        # summed per-token gradients having mean zero under labels drawn per position
-        f = estimate(model, bs, "mc", task="causal_lm", seed=s.seed, progress=False, max_examples=s.fisher_examples)
-        seqs = sum(len(b[0]["input_ids"]) for b in bs)
-        tokens = sum(int((b[0]["attention_mask"].sum(1) - 1).clamp_min(0).sum()) for b in bs)
-        return {k: v.cpu() * (seqs / tokens) for k, v in f.items()}
+        f = estimate(model, bs, "mc", task="causal_lm", per=per, seed=s.seed, progress=False,
+                     max_examples=s.fisher_examples)
+        return {k: v.cpu() for k, v in f.items()}
     return cache.cached("language-fisher", cfg, compute)
 
 
