@@ -125,6 +125,7 @@ def test_paired_verdicts():
     assert P.paired(a, b)["verdict"] == "a tie" and P.paired(a + 0.05, b)["verdict"] == "higher"
     assert P.paired(b - 0.5, a)["verdict"] == "lower"
     assert P.paired(a, b)["lo"] == pytest.approx(-0.01)
+    assert P.paired(a[:1], b[:1])["verdict"] == "one seed: no verdict"
 
 
 def test_text_add_tiny_table(tiny_cache):
