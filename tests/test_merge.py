@@ -1,5 +1,6 @@
 """Merge methods: exactness on the quadratic case, special cases, properties, bad input."""
 import copy
+import threading
 import warnings
 
 import pytest
@@ -8,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from toolkit import MergeError, merge_models, merge_state_dicts
-from toolkit.merge import METHODS, get_method, merge_tensor
+from toolkit.merge import METHODS, get_method, merge_tensor, reuse_scratch
 
 D = torch.float64  # exactness is claimed in float64
 
@@ -136,9 +137,46 @@ def test_common_alpha_cancels_without_prior():
     assert close(a, b)
 
 
-def test_negative_alpha_removal_and_guard():
+def gm_reference(base, thetas, alphas, fishers, sizes, delta, fisher_floor=0.0):
+    """Gradient matching as written before the removal guard changed, op for op (no guard)."""
+    hbar, num = torch.full_like(base, delta), torch.zeros_like(base)
+    for a, n, f, th in zip(alphas, sizes, fishers, thetas):
+        h = f.clamp_min(fisher_floor) * n
+        hbar.add_(h, alpha=a)
+        num.addcmul_(h + delta, th - base, value=a)
+    return base + num / hbar
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fisher_floor", [0.0, 1e-3])
+def test_non_negative_alphas_are_bitwise_the_unguarded_formula(dtype, fisher_floor):
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(3001, generator=g, dtype=dtype)
+    thetas = [base + 0.01 * torch.randn(base.shape, generator=g, dtype=dtype) for _ in range(3)]
+    fishers = [torch.rand(base.shape, generator=g, dtype=dtype) ** 4 for _ in range(3)]
+    alphas, sizes = [0.0, 0.4, 1.3], [10.0, 200.0, 3000.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the guard never binds
+        got = merge_tensor("gradient_matching", "w", base, thetas, alphas, fishers, sizes,
+                           delta=1e-3, fisher_floor=fisher_floor)
+    assert torch.equal(got, gm_reference(base, thetas, alphas, fishers, sizes, 1e-3, fisher_floor))
+
+
+def removal(alpha, h0=1e-3, ha=1.0, hr=1.0, guard=0.1, **kw):
+    """Merge of an added task (H_a, tau_a = 1) and a removed one (H_r, tau_r = -1) with alpha_r = alpha."""
+    base = torch.zeros(1, dtype=D)
+    models = [{"w": base + 1.0}, {"w": base - 1.0}]
+    fishers = [{"w": torch.full_like(base, ha)}, {"w": torch.full_like(base, hr)}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = merge_state_dicts("gradient_matching", {"w": base}, models, [1.0, alpha], fishers, [1.0, 1.0],
+                                delta=h0, guard=guard, **kw)
+    return out["w"].item()
+
+
+def test_removal_formula_and_guard():
     base, models, fishers, _, sizes = random_setup(seed=4)
-    # H_0 contains the removed task's precision: Hbar stays positive, formula applies, no warning
+    # H_0 contains the removed task's precision: Hbar stays above the floor, formula applies, no warning
     f0 = {k: fishers[0][k] * 2 for k in base}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -148,13 +186,84 @@ def test_negative_alpha_removal_and_guard():
     h1 = {k: sizes[0] * fishers[0][k] for k in base}
     expected = {k: base[k] - (h0[k] + h1[k]) * (models[0][k] - base[k]) / (h0[k] - h1[k]) for k in base}
     assert close(out, expected)
-    # prior alone cannot cover the removal: the guard falls back to task arithmetic and warns
-    with pytest.warns(UserWarning, match="task arithmetic"):
-        out = merge_state_dicts("gradient_matching", base, models[:1], [-1.0], fishers[:1], sizes[:1],
-                                delta=1e-3)
-    ta = merge_state_dicts("task_arithmetic", base, models[:1], [-1.0])
-    assert close(out, ta)
-    assert all(torch.isfinite(v).all() for v in out.values())
+    # the prior alone cannot cover the removal: Hbar = H_0 - H_1 < 0 is floored at guard * (H_0 + H_1)
+    for guard in (0.1, 0.5):
+        with pytest.warns(UserWarning, match="merged precision Hbar made small by negative alphas"):
+            out = merge_state_dicts("gradient_matching", base, models[:1], [-1.0], fishers[:1], sizes[:1],
+                                    delta=1e-3, guard=guard)
+        assert close(out, {k: base[k] - (models[0][k] - base[k]) / guard for k in base})
+    for guard in (0.0, 1.5):
+        with pytest.raises(MergeError, match="guard"):
+            merge_state_dicts("gradient_matching", base, models[:1], [-1.0], fishers[:1], sizes[:1], guard=guard)
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 10**6), guard=st.sampled_from([0.05, 0.1, 0.3]), T=st.integers(1, 3),
+       log_eps=st.floats(-30, 0), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_removal_with_nearly_cancelling_precisions_stays_bounded(seed, guard, T, log_eps, dtype):
+    """H_r = (H_0 + sum_t alpha_t H_t) (1 +- eps): Hbar = +-eps-ish; every output is finite and each
+    task vector's gain is at most max(1, |alpha_t|) / guard."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(500, generator=g, dtype=dtype)
+    thetas = [base + torch.randn(base.shape, generator=g, dtype=dtype) for _ in range(T + 1)]
+    fishers = [10 ** (4 * torch.rand(base.shape, generator=g, dtype=dtype) - 2) for _ in range(T)]
+    alphas = (0.1 + 2 * torch.rand(T, generator=g, dtype=torch.float64)).tolist()
+    delta, alpha_r = 1e-3, -(0.2 + torch.rand(1, generator=g).item())
+    kept = delta + sum(a * f for a, f in zip(alphas, fishers))
+    sign = torch.where(torch.rand(base.shape, generator=g) < 0.5, -1.0, 1.0).to(dtype)
+    fishers.append(kept * (1 + sign * 10.0 ** log_eps) / -alpha_r)
+    alphas.append(alpha_r)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = merge_tensor("gradient_matching", "w", base, thetas, alphas, fishers, [1.0] * (T + 1),
+                           delta=delta, guard=guard)
+    assert torch.isfinite(out).all()
+    bound = sum(max(1.0, abs(a)) / guard * (th - base).abs() for a, th in zip(alphas, thetas))
+    assert ((out - base).abs() <= bound * (1 + 1e-5) + 1e-6 * base.abs()).all()
+
+
+def test_removal_is_continuous_in_alpha_across_the_floor():
+    """tau_a = 1 with H_a = 1 kept, tau_r = -1 with H_r = 1 removed at alpha: Hbar = H_0 + 1 + alpha crosses
+    guard * S = 0.1 (H_0 + 1 + |alpha|) at alpha = -0.82 and zero at alpha = -1.001."""
+    h0, alphas = 1e-3, torch.linspace(-0.6, -1.4, 8001, dtype=D).tolist()
+    out = [removal(a, h0) for a in alphas]
+    want = [(h0 + 1) * (1 - a) / max(h0 + 1 + a, 0.1 * (h0 + 1 - a)) for a in alphas]
+    assert out == pytest.approx(want, rel=1e-12)
+    # no jump: the slope is at most (H_0 + 1)(H_0 + 2) / (guard S)^2 = 62 at the floor's boundary
+    step = alphas[0] - alphas[1]
+    assert max(abs(b - a) for a, b in zip(out, out[1:])) <= 70 * step
+    assert max(map(abs, out)) <= (1 + 1.4) / 0.1  # |theta - theta_0| <= sum_t max(1, |alpha_t|) |tau_t| / guard
+
+
+@pytest.mark.parametrize("alphas", [[0.5, 1.5], [1.0, -0.8]])
+def test_reused_scratch_gives_the_same_results_and_never_aliases_them(alphas):
+    """A thread after reuse_scratch() (the streaming merge's workers) merges chunks of changing size
+    bitwise as with fresh buffers, and no result shares memory with a later call's."""
+    g = torch.Generator().manual_seed(6)
+    chunks = []
+    for n in (64, 200, 7, 200, 300):
+        base = torch.randn(n, generator=g)
+        thetas = [base + torch.randn(n, generator=g) for _ in alphas]
+        fishers = [torch.rand(n, generator=g) for _ in alphas]
+        chunks.append((base, thetas, fishers, torch.rand(n, generator=g)))
+    kw = dict(sizes=[3.0, 5.0], delta=0.1, base_size=2.0)
+
+    def merge_all():
+        out = []
+        for base, thetas, fishers, f0 in chunks:
+            out.append(merge_tensor("task_arithmetic", "w", base, thetas, alphas))
+            out.append(merge_tensor("gradient_matching", "w", base, thetas, alphas, fishers, base_fisher=f0, **kw))
+        return [o.clone() for o in out], out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want, _ = merge_all()
+        got = {}
+        worker = threading.Thread(target=lambda: (reuse_scratch(), got.update(zip(("copies", "results"), merge_all()))))
+        worker.start()
+        worker.join()
+    assert all(torch.equal(a, b) for a, b in zip(want, got["copies"]))
+    assert all(torch.equal(a, b) for a, b in zip(want, got["results"]))  # later calls overwrote nothing
 
 
 def test_ties_trims_elects_and_averages():

@@ -18,6 +18,7 @@ import copy
 import hashlib
 import inspect
 import math
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -101,6 +102,26 @@ def get_method(name: str) -> Method:
 # The methods (per tensor; inputs already validated and in a float compute dtype)
 # ---------------------------------------------------------------------------------------------
 
+_LOCAL = threading.local()  # this thread's reusable scratch buffers (see reuse_scratch)
+
+
+def reuse_scratch() -> None:
+    """From now on this thread's merges reuse their scratch buffers instead of allocating new ones
+    per call: for worker threads that merge many alike chunks, where fresh memory costs page faults."""
+    _LOCAL.pool = {}
+
+
+def scratch(like: Tensor, i: int) -> Tensor:
+    """Uninitialised work buffer number i shaped like `like`: this thread's reused one after
+    reuse_scratch(), else new memory. Never return it: the next call overwrites it."""
+    pool = getattr(_LOCAL, "pool", None)
+    if pool is None:
+        return torch.empty_like(like)
+    key = (i, like.dtype, like.device)
+    if key not in pool or pool[key].numel() < like.numel():
+        pool[key] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+    return pool[key][:like.numel()].view(like.shape)
+
 
 @register("average", elementwise=True, alpha_cancels=True, label="averaging", color="#0173b2")
 def average(base: Tensor, thetas: list[Tensor], alphas: list[float]) -> Tensor:
@@ -114,9 +135,9 @@ def average(base: Tensor, thetas: list[Tensor], alphas: list[float]) -> Tensor:
 @register("task_arithmetic", elementwise=True, label="task arithmetic", color="#de8f05")
 def task_arithmetic(base: Tensor, thetas: list[Tensor], alphas: list[float]) -> Tensor:
     """Task arithmetic: theta_0 + sum_t alpha_t tau_t (alpha_t < 0 negates a task vector)."""
-    out = base.clone()
-    for a, th in zip(alphas, thetas):
-        out.add_(th - base, alpha=a)
+    out, tau = base.clone(), scratch(base, 0)
+    for a, th in zip(alphas, thetas):  # one scratch buffer for every tau_t
+        out.add_(torch.sub(th, base, out=tau), alpha=a)
     return out
 
 
@@ -191,38 +212,52 @@ def fisher_average(base: Tensor, thetas: list[Tensor], alphas: list[float], fish
 @register("gradient_matching", stats=("fishers",), needs_sizes=True, elementwise=True,
           label="gradient matching", color="#cc78bc",
           ranges={"delta": "[0, inf) prior precision", "base_size": "[0, inf) N_0",
-                  "fisher_floor": "[0, inf) lower bound on F_t"})
+                  "fisher_floor": "[0, inf) lower bound on F_t",
+                  "guard": "(0, 1] floor on Hbar as a fraction of H_0 + sum_t |alpha_t| H_t"})
 def gradient_matching(base: Tensor, thetas: list[Tensor], alphas: list[float], fishers: list[Tensor],
                       sizes: list[float], base_fisher: Tensor | None = None, delta: float = 1e-12,
-                      base_size: float = 0.0, fisher_floor: float = 0.0) -> Tensor:
+                      base_size: float = 0.0, fisher_floor: float = 0.0, guard: float = 0.1) -> Tensor:
     """Uncertainty-based gradient matching: theta_0 + Hbar^{-1} sum_t alpha_t (H_0 + H_t) tau_t.
 
-    Hbar = H_0 + sum_t alpha_t H_t, H_0 = delta + N_0 F_0, H_t = N_t F_t (all diagonal).
-    Guard for alpha_t < 0: where Hbar <= 1e-6 (H_0 + sum_t |alpha_t| H_t) the precision has
-    cancelled, the objective has no minimum there, and those elements fall back to task
-    arithmetic (the H_t -> 0 limit); a warning says how many.
+    Hbar = H_0 + sum_t alpha_t H_t, H_0 = delta + N_0 F_0, H_t = N_t max(F_t, fisher_floor) (all diagonal).
+    Removal guard: negative alphas can cancel Hbar, so it is floored at guard * S with
+    S = H_0 + sum_t |alpha_t| H_t; then each gain |alpha_t| (H_0 + H_t) / Hbar <= max(1, |alpha_t|) / guard,
+    the output is continuous in the inputs, and with non-negative alphas (Hbar = S) nothing changes.
     """
-    h0 = torch.full_like(base, float(delta))
-    if base_fisher is not None and base_size:
-        h0.add_(base_fisher.clamp_min(fisher_floor), alpha=base_size)
-    hbar, scale, num = h0.clone(), h0.clone(), torch.zeros_like(base)
-    for a, n, f, th in zip(alphas, sizes, fishers, thetas):  # fused, in place on our own buffers
-        h = f.clamp_min(fisher_floor).mul_(n)
+    if not 0 < guard <= 1:
+        raise MergeError(f"gradient_matching: guard must be in (0, 1], got {guard}")
+    h, tau = scratch(base, 0), scratch(base, 1)  # H_t and tau_t, one model at a time
+    hbar = scratch(base, 2).fill_(float(delta))  # H_0, then Hbar
+    h0: Tensor | float = float(delta)
+    if base_fisher is not None and base_size:  # H_0 = delta + N_0 max(F_0, fisher_floor)
+        hbar.add_(torch.clamp_min(base_fisher, fisher_floor, out=h), alpha=base_size)
+        h0 = scratch(base, 3).copy_(hbar)
+    neg = any(a < 0 for a in alphas)
+    s = scratch(base, 4).copy_(hbar) if neg else hbar  # S; equal to Hbar when no alpha is negative
+    num = torch.zeros_like(base)  # becomes the output
+    for a, n, f, th in zip(alphas, sizes, fishers, thetas):  # in place on the scratch buffers
+        if fisher_floor > 0:
+            torch.clamp_min(f, fisher_floor, out=h).mul_(n)
+        else:  # F_t >= 0 is checked, so no floor to apply
+            torch.mul(f, n, out=h)
         hbar.add_(h, alpha=a)
-        scale.add_(h, alpha=abs(a))
-        num.addcmul_(h.add_(h0), th - base, value=a)
-    if (scale == 0).any():
-        raise MergeError(f"gradient_matching: {int((scale == 0).sum())} elements have zero precision "
+        if neg:
+            s.add_(h, alpha=abs(a))
+        num.addcmul_(h.add_(h0), torch.sub(th, base, out=tau), value=a)
+    if delta <= 0 and (s == 0).any():  # S >= delta, so only a zero prior can leave S = 0
+        raise MergeError(f"gradient_matching: {int((s == 0).sum())} elements have zero precision "
                          "(delta = 0 and every Fisher is zero there): the merge is 0/0; "
                          "use delta > 0 or fisher_floor > 0")
-    step = num.div_(hbar)
-    bad = hbar <= 1e-6 * scale
-    if bad.any():
-        warnings.warn(f"gradient_matching: merged precision not positive in {int(bad.sum())} of "
-                      f"{bad.numel()} elements (negative alphas); used task arithmetic there",
-                      stacklevel=2)
-        step = torch.where(bad, task_arithmetic(base, thetas, alphas) - base, step)
-    return base + step
+    if neg:
+        floor = s.mul_(guard)
+        low = hbar < floor
+        if low.any():
+            warnings.warn(f"gradient_matching: merged precision Hbar made small by negative alphas in "
+                          f"{int(low.sum())} of {low.numel()} elements; floored there at guard * (H_0 + "
+                          f"sum_t |alpha_t| H_t) with guard = {guard}, so each task vector's gain stays "
+                          f"<= {max(1.0, max(abs(a) for a in alphas)) / guard:g}", stacklevel=2)
+            torch.maximum(hbar, floor, out=hbar)
+    return num.div_(hbar).add_(base)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ Every output tensor is `toolkit.merge.merge_tensor(method, name, base, thetas, a
 sizes, base_fisher, **options)`, the same code path as in-memory merges. Element-wise methods
 (the registry's `elementwise` flag: averaging, task arithmetic, Fisher averaging, gradient
 matching) are applied to chunks of `chunk` elements that worker threads read into
-preallocated buffers and merge in parallel while
-the main thread appends the results to the output, so memory stays bounded whatever the model
+preallocated buffers and merge in parallel (reusing their scratch buffers, `merge.reuse_scratch`)
+while the main thread appends the results to the output, so memory stays bounded whatever the model
 size; methods that need a whole tensor (TIES, DARE, new ones) get one tensor at a time.
 
 Config (YAML; relative paths are relative to the config file):
@@ -58,7 +58,7 @@ from . import validate
 from .atomic import atomic_dir
 from .checkpoint import Checkpoint, ShardWriter, Spec, copy_side_files, fingerprint, parse_size
 from .errors import MergeError
-from .merge import check_alphas, check_options, compute_dtype, get_method, merge_tensor
+from .merge import check_alphas, check_options, compute_dtype, get_method, merge_tensor, reuse_scratch
 
 CONFIG_KEYS = {"base", "models", "method", "options", "delta", "base_fisher", "base_size", "dtype",
                "shard_size", "output", "overwrite"}
@@ -220,7 +220,7 @@ def merge_checkpoints(base: PathLike, models: Sequence[PathLike], output: PathLi
             warnings.simplefilter("ignore")
             ctx.task(next((k for k, i in base_ck.infos.items() if i.dtype.is_floating_point and i.numel),
                           next(iter(base_ck.infos), None)), 0, 1, "probe")
-        pool = stack.enter_context(ThreadPoolExecutor(workers))
+        pool = stack.enter_context(ThreadPoolExecutor(workers, initializer=reuse_scratch))
         # Chunks are read and merged by `workers` threads (each chunk in its own buffer slot) while
         # this thread writes the results in order; element-wise methods keep workers + 2 chunks
         # in flight, whole-tensor methods one tensor.
