@@ -9,7 +9,9 @@ import torch
 pytest.importorskip("transformers")
 from toolkit import MergeError, hub, lm, text as T, tiny  # noqa: E402
 from toolkit.diagnostics import removal_diagnostics  # noqa: E402
-from toolkit.experiments import lm_domains, lm_remove, pipeline as P, text_add  # noqa: E402
+from toolkit.experiments import domains, encoder, lm_domains, lm_remove, pipeline as P  # noqa: E402
+from toolkit.experiments import text_add, text_sources  # noqa: E402
+from toolkit.merge import METHODS  # noqa: E402
 from toolkit.train import trainable  # noqa: E402
 
 BENCH = {m.name: m for m in P.methods()}  # the registered methods whose statistics the benchmarks compute
@@ -97,25 +99,55 @@ def test_pipeline_merge_conventions():
 
 def test_removal_diagnostics_by_hand():
     f_r, f_0 = {"w": torch.tensor([1.0, 1.0, 0.0])}, {"w": torch.tensor([3.0, 0.5, 1.0])}
-    # H_0 = 3, 0.5, 1; H_r = 1, 1, 0; alpha = -1: Hbar = 2, -0.5 (not positive), 1
-    d = removal_diagnostics(f_r, 1.0, -1.0, 0.0, f_0, 1.0)
-    assert d["not_positive"] == pytest.approx(1 / 3)
-    gains = torch.tensor([(3 + 1) / 2, 1.0])  # (H_0 + H_r) / Hbar where Hbar > 0
+    # H_0 = 3, 0.5, 1; H_r = 1, 1, 0; alpha = -1: Hbar = 2, -0.5, 1; S = H_0 + H_r = 4, 1.5, 1
+    d = removal_diagnostics(f_r, 1.0, -1.0, 0.0, f_0, 1.0, guard=0.1)
+    assert d["floored"] == pytest.approx(1 / 3)  # only the middle element is below 0.1 S
+    gains = torch.tensor([4 / 2, 1.5 / (0.1 * 1.5), 1.0])  # (H_0 + H_r) / max(Hbar, guard S)
     assert d["gain_median"] == pytest.approx(float(gains.median()))
-    assert d["gain_max"] == pytest.approx(2.0)
+    assert d["gain_max"] == pytest.approx(10.0)  # the cap max(1, 1/|alpha|) / guard
+
+
+def test_encoder_top_layers_fed_with_hidden_states_give_the_full_models_logits(tiny_cache):
+    full, tok = hub.pretrained("classifier", tiny.model_name("tiny-bert"), 3, 7)
+    data = T.load_task("spam", "test", 6, n_test=20)
+    enc = tok(list(data.texts), truncation=True, max_length=24, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = full.eval()(**enc).logits
+        top, _ = encoder.classifier("tiny-bert", 3, 7, top=1)
+        (x, y), = encoder.batches(encoder.features("tiny-bert", 1, 24, data), data.labels, 6)
+        got = top(**x).logits
+    assert torch.allclose(got, want, atol=1e-5) and y.tolist() == list(data.labels)
+    assert all(k.startswith(("bert.encoder.layer.0.", "bert.pooler.", "classifier.")) for k in trainable(top))
+    with pytest.raises(MergeError, match="top"):
+        encoder.classifier("tiny-bert", 3, 7, top=3)
+
+
+def test_paired_verdicts():
+    a, b = pd.Series([0.8, 0.9, 0.7]), pd.Series([0.7, 0.85, 0.71])
+    assert P.paired(a, b)["verdict"] == "a tie" and P.paired(a + 0.05, b)["verdict"] == "higher"
+    assert P.paired(b - 0.5, a)["verdict"] == "lower"
+    assert P.paired(a, b)["lo"] == pytest.approx(-0.01)
+    assert P.paired(a[:1], b[:1])["verdict"] == "one seed: no verdict"
 
 
 def test_text_add_tiny_table(tiny_cache):
     s = text_add.setup("tiny")
     df = text_add.run(s, progress=False)
     assert set(df["task"]) == set(s.tasks)
-    assert set(df.loc[df.study == "merge", "method"]) == set(BENCH)
+    assert set(df.loc[df.study == "chosen", "method"]) == set(BENCH)
+    assert set(df.loc[df.study == "grid", "split"]) == {"val"} and set(df.loc[df.study == "chosen", "split"]) == {"test"}
     ind = df[df.study == "individual"]
     assert (ind["normalised"] == 1.0).all() and ind["accuracy"].between(0, 1).all()
-    ta = df[(df.study == "merge") & (df.method == "task_arithmetic")]
-    assert set(ta["alpha"]) == set(s.alphas) and ta["mismatch"].notna().all() and (ta["mismatch"] > 0).all()
-    # cached: the second call reads the table (fine-tuning is not run again)
-    calls = []
+    gm = df[(df.study == "grid") & (df.method == "gradient_matching")]
+    assert set(gm["delta_rel"]) == set(s.deltas) and set(gm["alpha"]) == set(s.alphas)
+    # the chosen knobs are the best on validation
+    val = df[df.study == "grid"].fillna({"alpha": -1.0, "delta_rel": -1.0}).groupby(
+        ["method", "alpha", "delta_rel"])["accuracy"].mean()
+    for m in BENCH:
+        pick = df[(df.study == "chosen") & (df.method == m)].fillna({"alpha": -1.0, "delta_rel": -1.0}).iloc[0]
+        assert val.loc[(m, pick.alpha, pick.delta_rel)] == pytest.approx(val.loc[m].max())
+    assert len(df[df.study == "multitask"]) == len(s.tasks)
+    calls = []  # cached: the second call reads the table (fine-tuning is not run again)
     orig = text_add.finetune
     text_add.finetune = lambda *a, **k: calls.append(1) or orig(*a, **k)
     try:
@@ -125,7 +157,23 @@ def test_text_add_tiny_table(tiny_cache):
     assert not calls
     pd.testing.assert_frame_equal(df, again)
     summ = text_add.summary(df)
-    assert set(summ.index) == set(BENCH) and (summ.loc[NO_ALPHA, "spread_over_alpha"] == 0).all()
+    assert {"individual", "multi-task model", *BENCH} <= set(summ.index)
+
+
+def test_text_sources_tiny_table(tiny_cache):
+    s = text_sources.setup("tiny")
+    df = text_sources.run(s, progress=False)
+    ks = list(s.markers)
+    assert sorted(df["k"].unique()) == ks
+    for k in ks:
+        d = df[df.k == k]
+        assert set(d.loc[d.study == "merge", "method"]) == set(BENCH)
+        assert d.loc[d.method == "all-data model", "distance"].item() == 0.0
+        assert (d["mismatch"] > 0).all() and d["test"].between(0, 1).all()
+    gm = df[(df.study == "merge") & (df.method == "gradient_matching")]
+    assert set(gm["delta_rel"]) <= set(s.deltas) and (gm["alpha"] == 1.0).all()
+    summ = text_sources.summary(df)
+    assert summ.loc["all-data model", "distance"] == 0.0
 
 
 def test_lm_experiments_tiny(tiny_cache):
@@ -133,27 +181,38 @@ def test_lm_experiments_tiny(tiny_cache):
     dom = lm_domains.run(s, progress=False)
     own = dom[dom.study == "individual"]
     assert set(own["domain"]) == set(s.domains) and (dom["perplexity"] > 1).all()
-    assert set(dom.loc[dom.study == "merge", "method"]) == set(BENCH)
-    summ = lm_domains.summary(dom)
-    assert list(summ.index) == list(BENCH) and (summ.loc[NO_ALPHA, "spread_over_alpha"] == 0).all()
-    best = P.at_best(dom, summ["best_alpha"])  # one row per (method, domain), at the best alpha
-    assert len(best) == len(BENCH) * len(s.domains)
-    assert best.groupby("method")["alpha"].first().to_dict() == summ["best_alpha"].to_dict()
+    chosen = dom[dom.study == "merge"]
+    assert set(chosen["method"]) == set(BENCH) and set(chosen["split"]) == {"test"}
+    assert set(chosen.loc[chosen.method == "gradient_matching", "per"]) == {"sequence", "token"}
+    assert set(dom.loc[dom.study == "grid", "split"]) == {"val"}
+    # per token, N_t is counted in tokens: H_t = N_t F_t is about the same as per sequence
+    for d in s.domains:
+        assert domains.domain_size(s, d, "token") > domains.domain_size(s, d)
     rem = lm_remove.run(s, progress=False)
     assert rem.loc[rem.method == "base", "removed_vs_base"].item() == 1.0
     gm = rem[rem.method == "gradient_matching"]
     assert len(gm) == len(s.removal_alphas) * len(s.base_sizes)
-    assert gm["not_positive"].between(0, 1).all()
+    assert gm["floored"].between(0, 1).all()
+    guard = METHODS["gradient_matching"].defaults.get("guard")
+    if guard is not None:  # the floored precision caps every gain at max(1, 1/|alpha|) / guard
+        assert (gm["gain_max"] <= gm["alpha"].abs().rdiv(1).clip(lower=1) / guard * (1 + 1e-6)).all()
+    assert torch.isfinite(torch.tensor(rem[["removed", "kept"]].to_numpy())).all()
     # fine-tuning on the domain lowers its perplexity, and a negated task vector raises it again
     ft = rem[rem.method == "fine-tuned"]["removed"].item()
     ta = rem[(rem.method == "task_arithmetic") & (rem.alpha == min(s.removal_alphas))]["removed"].item()
     assert ft < rem.loc[rem.method == "base", "removed"].item() < ta
-    curve = rem[rem.method == "task_arithmetic"]
-    mid = float(curve.removed_vs_base.median())
-    assert lm_remove.kept_at(curve, mid) > 0 and math.isnan(lm_remove.kept_at(curve, 1e9))
     summ = lm_remove.summary(rem)
-    assert len(summ) == 1 + len(s.base_sizes)
-    assert summ.xs("task_arithmetic")["max_removed_vs_base"].iloc[0] > 1
+    assert summ["matched_kept_vs_base"].nunique(dropna=False) == 1  # one retention level for every curve
+    assert all((c.alpha.iloc[0], c.kept_vs_base.iloc[0]) == (0.0, 1.0) for c in lm_remove.curves(rem).values())
+
+
+def test_matched_retention_interpolates_in_logs():
+    curve = pd.DataFrame({"kept_vs_base": [1.0, 1.1, 1.21], "removed_vs_base": [1.0, 2.0, 4.0]})
+    assert lm_remove.removed_at(curve, 1.1) == pytest.approx(2.0)
+    assert lm_remove.removed_at(curve, 1.21 ** 0.75) == pytest.approx(2 ** 1.5)
+    assert math.isnan(lm_remove.removed_at(curve, 1.5))
+    other = curve.assign(kept_vs_base=[1.05, 1.2, 1.3])
+    assert lm_remove.matched_kept([curve, other]) == pytest.approx(math.sqrt(1.05 * 1.21))
 
 
 def test_cli_writes_csv(tiny_cache, tmp_path):

