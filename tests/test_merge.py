@@ -378,3 +378,30 @@ def test_merge_models_transformers_bert():
                           + 0.5 * (s2[k] - base.state_dict()[k]))
     ids = torch.randint(0, 50, (2, 7))
     assert out(input_ids=ids).logits.shape == (2, 3)
+
+
+def test_registry_metadata_drives_grid_and_knobs():
+    """merge_at: alpha is TIES' lam (alphas fixed at 1), knobs a method does not take are dropped,
+    and a method where alpha cancels is evaluated at one grid point."""
+    from toolkit.merge import METHODS, merge_at, merge_grid
+
+    base = {"w": torch.zeros(4)}
+    models = [{"w": torch.tensor([1.0, -2.0, 3.0, 0.5])}, {"w": torch.tensor([2.0, 1.0, -1.0, 0.5])}]
+    knobs = {"density": 1.0, "delta": 1.0, "p": 0.0, "seed": 0}
+    ties = merge_at("ties", base, models, 0.5, **knobs)["w"]
+    assert torch.allclose(ties, 0.5 * merge_state_dicts("ties", base, models, [1, 1], density=1.0)["w"])
+    ta = merge_at("task_arithmetic", base, models, 0.5, **knobs)["w"]
+    assert torch.allclose(ta, 0.5 * (models[0]["w"] + models[1]["w"]))
+    assert [a for a, _ in merge_grid("average", base, models, [0.1, 0.5, 1.0])] == [1.0]
+    assert len(list(merge_grid("dare", base, models, [0.1, 0.5, 1.0], **knobs))) == 3
+    assert METHODS["gradient_matching"].needs_sizes and METHODS["gradient_matching"].elementwise
+    assert not METHODS["ties"].elementwise and METHODS["ties"].scale_knob == "lam"
+
+
+def test_register_rejects_unknown_scale_knob():
+    from toolkit.merge import register
+
+    with pytest.raises(MergeError, match="scale_knob"):
+        @register("broken_for_test", scale_knob="nope")
+        def broken(base, thetas, alphas, lam: float = 1.0):
+            return base

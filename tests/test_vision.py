@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from toolkit import cache
-from toolkit import experiments as E
+from toolkit.experiments import vision as E
+from toolkit.merge import METHODS
 from toolkit import vision as V
 from toolkit.errors import MergeError
 
@@ -72,8 +73,8 @@ def test_pretraining_mix_covers_every_source():
 # --- the experiment at tiny scale ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("toolkit-cache")
+def tiny_cache(experiment_cache):
+    return experiment_cache
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def table(tiny_cache):
     old = os.environ.get("TOOLKIT_CACHE")
     os.environ["TOOLKIT_CACHE"] = str(tiny_cache)
     try:
-        yield E.run_vision(E.setup("tiny", seed=0), progress=False)
+        yield E.run(E.setup("tiny", seed=0), progress=False)
     finally:
         os.environ.pop("TOOLKIT_CACHE") if old is None else os.environ.__setitem__("TOOLKIT_CACHE", old)
 
@@ -91,9 +92,9 @@ def test_tiny_experiment_table_is_well_formed(table):
     names = {t.name for t in s.tasks}
     assert set(table["study"]) == {"individual", "multitask", "merge", "fisher", "fisher_examples", "delta", "subsets"}
     merge = table[table["study"] == "merge"]
-    assert set(merge["method"]) == set(E.METHODS)
+    assert set(merge["method"]) == set(METHODS)
     for m, g in merge.groupby("method"):
-        n_alpha = 1 if m in E.NO_ALPHA else len(s.alphas)
+        n_alpha = 1 if METHODS[m].alpha_cancels else len(s.alphas)
         assert len(g) == n_alpha * len(names) and set(g["task"]) == names
     assert table["accuracy"].between(0, 1).all()
     ok = table["individual"] > 0
@@ -103,20 +104,21 @@ def test_tiny_experiment_table_is_well_formed(table):
     assert set(sub["n_tasks"]) == set(range(2, len(names) + 1))
     assert (sub["mismatch"] > 0).all() and sub["mismatch"].map(math.isfinite).all()
     summ = E.summary(table)
-    assert set(summ.index) == set(E.METHODS)
-    assert (summ.loc[list(E.NO_ALPHA), "spread"] == 0).all() and (summ["spread"] >= 0).all()
+    assert set(summ.index) == set(METHODS)
+    cancels = [m for m in METHODS if METHODS[m].alpha_cancels]
+    assert (summ.loc[cancels, "spread"] == 0).all() and (summ["spread"] >= 0).all()
 
 
 def test_second_run_is_served_from_the_cache(table, tiny_cache, monkeypatch):
     monkeypatch.setenv("TOOLKIT_CACHE", str(tiny_cache))
     monkeypatch.setattr(V, "fit", lambda *a, **k: pytest.fail("retrained although cached"))
-    again = E.run_vision(E.setup("tiny", seed=0), progress=False)
+    again = E.run(E.setup("tiny", seed=0), progress=False)
     pd.testing.assert_frame_equal(again, table)
 
 
 def test_studies_select_rows_and_reuse_the_cache(table, tiny_cache, monkeypatch):
     monkeypatch.setenv("TOOLKIT_CACHE", str(tiny_cache))
-    only = E.run_vision(E.setup("tiny", seed=0, studies=("merge",)), progress=False)
+    only = E.run(E.setup("tiny", seed=0, studies=("merge",)), progress=False)
     assert set(only["study"]) == {"individual", "merge"}
     want = table[table["study"].isin(["individual", "merge"])].reset_index(drop=True)
     pd.testing.assert_frame_equal(only.reset_index(drop=True), want)
@@ -129,7 +131,7 @@ def test_cli_writes_the_table(tiny_cache, tmp_path, table):
                         "--out", str(out), "--no-progress"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     df = pd.read_csv(out)
-    assert len(df) == len(table) and set(E.METHODS) <= set(df["method"])
+    assert len(df) == len(table) and set(METHODS) <= set(df["method"])
     assert "gradient_matching" in r.stdout
     bad = subprocess.run([sys.executable, "-m", "toolkit.experiments", "vision", "--scale", "huge"],
                          capture_output=True, text=True, env=env, timeout=60)

@@ -49,7 +49,10 @@ def _methods(args: argparse.Namespace) -> None:
 
     for m in METHODS.values():
         opts = ", ".join(m.options) or "-"
-        print(f"{m.name:18} {'Fisher' if m.uses_fisher else '      '}  options: {opts:40} {m.summary}")
+        stats = ",".join(m.stats) or "-"
+        flags = "".join(c for c, on in (("E", m.elementwise), ("A", m.alpha_cancels)) if on) or "-"
+        print(f"{m.name:18} stats: {stats:8} {flags:2}  options: {opts:40} {m.summary}")
+    print("\nE: elementwise (streamed in chunks); A: a common alpha cancels out")
 
 
 def parser() -> argparse.ArgumentParser:

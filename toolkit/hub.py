@@ -7,9 +7,16 @@ SmolLM2 ships as a 4-bit GGUF file, converted once to an fp32 safetensors direct
 """
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 import os
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+import torch
 
 from .errors import MergeError
 
@@ -96,3 +103,49 @@ def load_causal_lm(name: str, **kwargs):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return model, tok
+
+
+@functools.lru_cache(maxsize=4)
+def _pristine(kind: str, name: str, n_classes: int, seed: int):
+    torch.manual_seed(seed)  # a new classification head is initialised from this seed
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        if kind == "classifier":
+            return load_classifier(name, n_classes)
+        return load_causal_lm(name)
+
+
+def pretrained(kind: str, name: str, n_classes: int = 0, seed: int = 0):
+    """A fresh copy of a 'classifier' (new head of `n_classes`, initialised from `seed`) or a
+    'causal_lm' and its tokenizer; read from disk once per process (until `quiet` exits)."""
+    if kind not in ("classifier", "causal_lm"):
+        raise MergeError(f"pretrained: kind must be 'classifier' or 'causal_lm', got {kind!r}")
+    model, tok = _pristine(kind, name, n_classes, seed)
+    return copy.deepcopy(model), tok
+
+
+@contextmanager
+def quiet(threads: int | None = None) -> Iterator[None]:
+    """Run quietly (no transformers load reports or progress bars, no oneDNN notes) with
+    `threads` torch threads (None: $TOOLKIT_THREADS, else unchanged); restores everything on exit
+    and forgets the pretrained models loaded meanwhile.
+    On a shared CPU one thread is often faster than two that wait for each other."""
+    from transformers.utils import logging as hf_logging
+    env = os.environ.get("TOOLKIT_THREADS")
+    threads = threads or (int(env) if env else None)
+    old_threads, old_verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*oneDNN.*")
+            yield
+    finally:
+        _pristine.cache_clear()  # do not hold pretrained copies (SmolLM2: 0.5 GB) between stages
+        torch.set_num_threads(old_threads)
+        hf_logging.set_verbosity(old_verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -8,7 +8,9 @@ alpha_t their scaling factors, F_t per-example Fishers, N_t data-set sizes, H_t 
 H_0 = delta + N_0 F_0 the prior precision.
 
 To add a method: write `def my_method(base, thetas, alphas, ...) -> Tensor` and decorate it
-with `@register("my_method")` (add `uses_fisher=True` if it reads Fishers).
+with `@register("my_method", ...)`; the decorator's flags (statistics such as Fishers, elementwise,
+alpha cancels, scale knob, label, colour) are all the rest of the code knows about it, so the
+method appears at once in the CLI, the streaming merge, every experiment table and the figures.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import inspect
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,27 +32,51 @@ StateDict = Mapping[str, Tensor]
 
 @dataclass(frozen=True)
 class Method:
+    """Everything the rest of the code knows about a merge method (read it from here, never hard-code it)."""
     name: str
     fn: Callable[..., Tensor]
-    uses_fisher: bool
-    options: tuple[str, ...]  # keyword options the method accepts, beyond base/thetas/alphas
+    options: tuple[str, ...]        # keyword knobs the method accepts, beyond base/thetas/alphas/statistics
+    defaults: Mapping[str, Any]     # the knobs' default values (from the function's signature)
+    stats: tuple[str, ...] = ()     # per-model statistics handed over by the dispatcher, e.g. ("fishers",)
+    needs_sizes: bool = False       # N_t required (H_t = N_t F_t); else sizes default to 1
+    elementwise: bool = False       # output element i reads only input elements i: streamable in chunks
+    alpha_cancels: bool = False     # a common alpha_t = alpha cancels out: one alpha is enough
+    scale_knob: str | None = None   # the knob that plays alpha's role (alphas fixed at 1), e.g. TIES' lam
+    label: str = ""                 # name in tables and figures
+    color: str | None = None        # colour in figures (matplotlib colour)
+
+    @property
+    def uses_fisher(self) -> bool:
+        return "fishers" in self.stats
 
     @property
     def summary(self) -> str:
         return (self.fn.__doc__ or "").strip().splitlines()[0]
 
+    def grid(self, alphas: Sequence[float]) -> list[float]:
+        """The points of an alpha grid worth evaluating: one (alpha = 1) where alpha cancels."""
+        return [1.0] if self.alpha_cancels else [float(a) for a in alphas]
+
 
 METHODS: dict[str, Method] = {}
-_FISHER_ARGS = ("fishers", "sizes", "base_fisher")  # handed over by the dispatcher, not options
+_DISPATCHED = ("fishers", "sizes", "base_fisher")  # handed over by the dispatcher, not options
 
 
-def register(name: str, *, uses_fisher: bool = False) -> Callable:
-    """Decorator: put a per-tensor merge function into the registry under `name`."""
+def register(name: str, *, stats: Sequence[str] = (), uses_fisher: bool = False, needs_sizes: bool = False,
+             elementwise: bool = False, alpha_cancels: bool = False, scale_knob: str | None = None,
+             label: str | None = None, color: str | None = None) -> Callable:
+    """Decorator: put a per-tensor merge function into the registry under `name`, with what the
+    experiments, the streaming merge and the plots need to know about it (see `Method`)."""
+    stats = tuple(stats) + (("fishers",) if uses_fisher and "fishers" not in stats else ())
 
     def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        params = list(inspect.signature(fn).parameters)[3:]
-        options = tuple(p for p in params if p not in _FISHER_ARGS)
-        METHODS[name] = Method(name, fn, uses_fisher, options)
+        sig = inspect.signature(fn).parameters
+        options = tuple(p for p in list(sig)[3:] if p not in _DISPATCHED and p not in stats)
+        if scale_knob is not None and scale_knob not in options:
+            raise MergeError(f"register({name!r}): scale_knob {scale_knob!r} is not an option of {fn.__name__}")
+        defaults = {p: sig[p].default for p in options if sig[p].default is not inspect.Parameter.empty}
+        METHODS[name] = Method(name, fn, options, defaults, stats, needs_sizes, elementwise, alpha_cancels,
+                               scale_knob, label or name.replace("_", " "), color)
         return fn
 
     return deco
@@ -67,7 +93,7 @@ def get_method(name: str) -> Method:
 # ---------------------------------------------------------------------------------------------
 
 
-@register("average")
+@register("average", elementwise=True, alpha_cancels=True, label="averaging", color="#0173b2")
 def average(base: Tensor, thetas: list[Tensor], alphas: list[float]) -> Tensor:
     """Weighted averaging: sum_t alpha_t theta_t / sum_t alpha_t (equal alphas: plain mean)."""
     total = math.fsum(alphas)
@@ -76,7 +102,7 @@ def average(base: Tensor, thetas: list[Tensor], alphas: list[float]) -> Tensor:
     return sum(a * th for a, th in zip(alphas, thetas)) / total
 
 
-@register("task_arithmetic")
+@register("task_arithmetic", elementwise=True, label="task arithmetic", color="#de8f05")
 def task_arithmetic(base: Tensor, thetas: list[Tensor], alphas: list[float]) -> Tensor:
     """Task arithmetic: theta_0 + sum_t alpha_t tau_t (alpha_t < 0 negates a task vector)."""
     out = base.clone()
@@ -85,7 +111,60 @@ def task_arithmetic(base: Tensor, thetas: list[Tensor], alphas: list[float]) -> 
     return out
 
 
-@register("fisher_average", uses_fisher=True)
+def _trim(tau: Tensor, density: float) -> Tensor:
+    """Keep the top `density` fraction of entries by magnitude (TIES step 1), zero the rest."""
+    k = int(math.ceil(density * tau.numel()))
+    if k >= tau.numel():
+        return tau
+    if k == 0:
+        return torch.zeros_like(tau)
+    thresh = tau.abs().flatten().kthvalue(tau.numel() - k + 1).values
+    return torch.where(tau.abs() >= thresh, tau, torch.zeros_like(tau))
+
+
+@register("ties", scale_knob="lam", label="TIES", color="#ca9161")
+def ties(base: Tensor, thetas: list[Tensor], alphas: list[float], density: float = 0.2,
+         lam: float = 1.0) -> Tensor:
+    """TIES (Yadav et al. 2023): trim each tau_t to its top `density` entries, elect the sign of
+    sum_t alpha_t tau_t, average the entries that agree with it (weights alpha_t), scale by lam.
+    Trimming is per tensor (as in mergekit), not over the whole model."""
+    if not 0 < density <= 1:
+        raise MergeError(f"ties: density must be in (0, 1], got {density}")
+    trimmed = [a * _trim(th - base, density) for a, th in zip(alphas, thetas)]
+    sign = torch.sign(sum(trimmed))
+    agree = [((torch.sign(t) == sign) & (t != 0)).to(base.dtype) for t in trimmed]
+    num = sum(t * m for t, m in zip(trimmed, agree))
+    den = sum(abs(a) * m for a, m in zip(alphas, agree))
+    return base + lam * torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num))
+
+
+def _tensor_seed(seed: int, name: str, tau: Tensor) -> int:
+    """Seed from (seed, tensor name, task-vector content): masks do not depend on task order."""
+    h = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8)
+    h.update(tau.detach().cpu().contiguous().numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") & (2**63 - 1)
+
+
+@register("dare", label="DARE", color="#fbafe4")
+def dare(base: Tensor, thetas: list[Tensor], alphas: list[float], p: float = 0.5, seed: int = 0,
+         name: str = "") -> Tensor:
+    """DARE (Yu et al. 2024) + task arithmetic: drop each entry of tau_t with probability p,
+    rescale survivors by 1/(1-p) (unbiased), then theta_0 + sum_t alpha_t tau_t."""
+    if not 0 <= p < 1:
+        raise MergeError(f"dare: drop probability p must be in [0, 1), got {p}")
+    out = base.clone()
+    for a, th in zip(alphas, thetas):
+        tau = th - base
+        if p > 0:
+            g = torch.Generator().manual_seed(_tensor_seed(seed, name, tau))
+            keep = torch.rand(tau.shape, generator=g, dtype=torch.float64) >= p
+            tau = torch.where(keep.to(tau.device), tau / (1 - p), torch.zeros_like(tau))
+        out += a * tau
+    return out
+
+
+@register("fisher_average", stats=("fishers",), elementwise=True, alpha_cancels=True,
+          label="Fisher averaging", color="#029e73")
 def fisher_average(base: Tensor, thetas: list[Tensor], alphas: list[float], fishers: list[Tensor],
                    sizes: list[float], fisher_floor: float = 0.0) -> Tensor:
     """Fisher-weighted averaging: sum_t alpha_t H_t theta_t / sum_t alpha_t H_t, H_t = N_t max(F_t, floor)."""
@@ -99,7 +178,8 @@ def fisher_average(base: Tensor, thetas: list[Tensor], alphas: list[float], fish
     return sum(w * th for w, th in zip(weights, thetas)) / den
 
 
-@register("gradient_matching", uses_fisher=True)
+@register("gradient_matching", stats=("fishers",), needs_sizes=True, elementwise=True,
+          label="gradient matching", color="#cc78bc")
 def gradient_matching(base: Tensor, thetas: list[Tensor], alphas: list[float], fishers: list[Tensor],
                       sizes: list[float], base_fisher: Tensor | None = None, delta: float = 1e-12,
                       base_size: float = 0.0, fisher_floor: float = 0.0) -> Tensor:
@@ -131,58 +211,6 @@ def gradient_matching(base: Tensor, thetas: list[Tensor], alphas: list[float], f
                       stacklevel=2)
         step = torch.where(bad, task_arithmetic(base, thetas, alphas) - base, step)
     return base + step
-
-
-def _trim(tau: Tensor, density: float) -> Tensor:
-    """Keep the top `density` fraction of entries by magnitude (TIES step 1), zero the rest."""
-    k = int(math.ceil(density * tau.numel()))
-    if k >= tau.numel():
-        return tau
-    if k == 0:
-        return torch.zeros_like(tau)
-    thresh = tau.abs().flatten().kthvalue(tau.numel() - k + 1).values
-    return torch.where(tau.abs() >= thresh, tau, torch.zeros_like(tau))
-
-
-@register("ties")
-def ties(base: Tensor, thetas: list[Tensor], alphas: list[float], density: float = 0.2,
-         lam: float = 1.0) -> Tensor:
-    """TIES (Yadav et al. 2023): trim each tau_t to its top `density` entries, elect the sign of
-    sum_t alpha_t tau_t, average the entries that agree with it (weights alpha_t), scale by lam.
-    Trimming is per tensor (as in mergekit), not over the whole model."""
-    if not 0 < density <= 1:
-        raise MergeError(f"ties: density must be in (0, 1], got {density}")
-    trimmed = [a * _trim(th - base, density) for a, th in zip(alphas, thetas)]
-    sign = torch.sign(sum(trimmed))
-    agree = [((torch.sign(t) == sign) & (t != 0)).to(base.dtype) for t in trimmed]
-    num = sum(t * m for t, m in zip(trimmed, agree))
-    den = sum(abs(a) * m for a, m in zip(alphas, agree))
-    return base + lam * torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num))
-
-
-def _tensor_seed(seed: int, name: str, tau: Tensor) -> int:
-    """Seed from (seed, tensor name, task-vector content): masks do not depend on task order."""
-    h = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8)
-    h.update(tau.detach().cpu().contiguous().numpy().tobytes())
-    return int.from_bytes(h.digest(), "little") & (2**63 - 1)
-
-
-@register("dare")
-def dare(base: Tensor, thetas: list[Tensor], alphas: list[float], p: float = 0.5, seed: int = 0,
-         name: str = "") -> Tensor:
-    """DARE (Yu et al. 2024) + task arithmetic: drop each entry of tau_t with probability p,
-    rescale survivors by 1/(1-p) (unbiased), then theta_0 + sum_t alpha_t tau_t."""
-    if not 0 <= p < 1:
-        raise MergeError(f"dare: drop probability p must be in [0, 1), got {p}")
-    out = base.clone()
-    for a, th in zip(alphas, thetas):
-        tau = th - base
-        if p > 0:
-            g = torch.Generator().manual_seed(_tensor_seed(seed, name, tau))
-            keep = torch.rand(tau.shape, generator=g, dtype=torch.float64) >= p
-            tau = torch.where(keep.to(tau.device), tau / (1 - p), torch.zeros_like(tau))
-        out += a * tau
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,10 +264,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def merge_tensor(method: str | Method, name: str, base: Tensor, thetas: Sequence[Tensor],
                  alphas: Sequence[float] | None = None, fishers: Sequence[Tensor] | None = None,
                  sizes: Sequence[float] | None = None, base_fisher: Tensor | None = None,
-                 **options) -> Tensor:
+                 stats: Mapping[str, Sequence[Tensor | None]] | None = None, **options) -> Tensor:
     """Merge one tensor with a registry method. Validates shapes, dtypes and Fishers, computes in
     fp32 (fp64 for fp64 inputs) and returns a new tensor in the input dtype. Non-float tensors
-    (integer ids, masks) are copied from the base."""
+    (integer ids, masks) are copied from the base. `stats`: the method's other per-model
+    statistics for this tensor (name -> one entry per model, None where a model has none)."""
     m = method if isinstance(method, Method) else get_method(method)
     check_options(m, options)
     alphas = check_alphas(alphas, len(thetas))
@@ -267,14 +296,22 @@ def merge_tensor(method: str | Method, name: str, base: Tensor, thetas: Sequence
         kw["sizes"] = _check_sizes(m, sizes, len(thetas))
         if "base_fisher" in inspect.signature(m.fn).parameters:
             kw["base_fisher"] = None if base_fisher is None else base_fisher.to(cd)
+    for stat in m.stats:
+        if stat == "fishers":
+            continue
+        vals = (stats or {}).get(stat)
+        if vals is None or len(vals) != len(thetas):
+            raise MergeError(f"method {m.name!r} needs {stat!r} (one per model) for {name!r}; "
+                             f"got {'none' if vals is None else len(vals)}")
+        kw[stat] = [None if v is None else v.to(cd) for v in vals]
     out = m.fn(base.to(cd), [th.to(cd) for th in thetas], alphas, **kw)
     return out.to(base.dtype)
 
 
 def _check_sizes(m: Method, sizes: Sequence[float] | None, n: int) -> list[float]:
     if sizes is None:
-        if m.name == "gradient_matching":
-            raise MergeError("gradient_matching needs the data-set sizes N_t (H_t = N_t F_t); pass "
+        if m.needs_sizes:
+            raise MergeError(f"{m.name} needs the data-set sizes N_t (H_t = N_t F_t); pass "
                              "sizes=[...] (use 1.0 each if your Fishers are already summed over data)")
         return [1.0] * n
     sizes = [float(s) for s in sizes]
@@ -304,12 +341,14 @@ def merge_state_dicts(method: str, base: StateDict, models: Sequence[StateDict],
                       fishers: Sequence[StateDict] | None = None,
                       sizes: Sequence[float] | None = None,
                       base_fisher: StateDict | None = None,
-                      keep: Iterable[str] = (), **options) -> dict[str, Tensor]:
+                      keep: Iterable[str] = (), stats: Mapping[str, Sequence[StateDict]] | None = None,
+                      **options) -> dict[str, Tensor]:
     """Merge state dicts with a registry method; returns a new dict, inputs untouched.
 
     fishers: one state dict of per-example diagonal Fishers F_t per model (Fisher methods);
     sizes: data-set sizes N_t; base_fisher: F_0 (with option base_size=N_0);
-    keep: names copied from the base unmerged (buffers such as BatchNorm statistics).
+    keep: names copied from the base unmerged (buffers such as BatchNorm statistics);
+    stats: the method's other statistics, name -> one state dict per model (keys it lacks: None).
     """
     m = get_method(method)
     check_options(m, options)
@@ -336,8 +375,38 @@ def merge_state_dicts(method: str, base: StateDict, models: Sequence[StateDict],
             if k not in base_fisher:
                 raise MergeError(f"the base Fisher has no entry for {k!r}")
             bf = base_fisher[k]
-        out[k] = merge_tensor(m, k, b, [sd[k] for sd in models], alphas, fk, sizes, bf, **options)
+        st = {n: [sd.get(k) for sd in stats[n]] for n in (stats or {}) if n in m.stats}
+        out[k] = merge_tensor(m, k, b, [sd[k] for sd in models], alphas, fk, sizes, bf, st, **options)
     return out
+
+
+def merge_at(method: str, base: StateDict, models: Sequence[StateDict], alpha: float, *,
+             fishers: Sequence[StateDict] | None = None, sizes: Sequence[float] | None = None,
+             base_fisher: StateDict | None = None, stats: Mapping[str, Sequence[StateDict]] | None = None,
+             keep: Iterable[str] = (), **knobs) -> dict[str, Tensor]:
+    """One point of a method's alpha grid: alpha_t = alpha for every t or, for a method with a
+    scale knob (TIES' lam), alpha_t = 1 and knob = alpha. Statistics and knobs the method does not
+    take are dropped, so one set of knobs and statistics serves every method."""
+    m = get_method(method)
+    kw = {k: v for k, v in knobs.items() if k in m.options}
+    alphas = [float(alpha)] * len(models)
+    if m.scale_knob is not None:
+        kw[m.scale_knob], alphas = float(alpha), [1.0] * len(models)
+    if m.uses_fisher:
+        kw.update(fishers=fishers, sizes=sizes)
+        if base_fisher is not None and "base_fisher" in inspect.signature(m.fn).parameters:
+            kw["base_fisher"] = base_fisher
+    if stats:
+        kw["stats"] = {n: v for n, v in stats.items() if n in m.stats}
+    return merge_state_dicts(m.name, base, models, alphas, keep=keep, **kw)
+
+
+def merge_grid(method: str, base: StateDict, models: Sequence[StateDict], alphas: Sequence[float],
+               **kw) -> Iterator[tuple[float, dict[str, Tensor]]]:
+    """(alpha, merged state dict) over the points of `alphas` worth evaluating for `method`
+    (one point where alpha cancels); arguments as in `merge_at`."""
+    for a in get_method(method).grid(alphas):
+        yield a, merge_at(method, base, models, a, **kw)
 
 
 def merge_models(method: str, base: nn.Module, models: Sequence[nn.Module],

@@ -8,12 +8,9 @@ import numpy as np
 import seaborn as sns
 
 _PALETTE = sns.color_palette("colorblind", 10)
-COLORS = {"average": _PALETTE[0], "task_arithmetic": _PALETTE[1], "fisher_average": _PALETTE[2],
-          "gradient_matching": _PALETTE[4], "target": (0.1, 0.1, 0.1), "ties": _PALETTE[5],
-          "dare": _PALETTE[6], "base": _PALETTE[7]}
-LABELS = {"average": "averaging", "task_arithmetic": "task arithmetic",
-          "fisher_average": "Fisher averaging", "gradient_matching": "gradient matching",
-          "target": "all-data target", "ties": "TIES", "dare": "DARE", "base": "base model"}
+# what is not a merge method; methods bring their own label and colour from the registry
+COLORS = {"target": (0.1, 0.1, 0.1), "base": _PALETTE[7]}
+LABELS = {"target": "all-data target", "base": "base model"}
 
 
 def style() -> None:
@@ -53,11 +50,15 @@ def point(ax, xy, label: str, color=None, marker: str = "o", size: float = 70, *
 
 
 def method_color(name: str):
-    return COLORS.get(name)
+    """A method's colour from the registry (`toolkit.merge.register(color=...)`), else the book's own."""
+    from .merge import METHODS
+    return METHODS[name].color if name in METHODS else COLORS.get(name)
 
 
 def method_label(name: str) -> str:
-    return LABELS.get(name, name)
+    """A method's label from the registry, else the book's own, else the name."""
+    from .merge import METHODS
+    return METHODS[name].label if name in METHODS else LABELS.get(name, name)
 
 
 def glue_figure(name: str, fig) -> None:

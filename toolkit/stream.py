@@ -2,8 +2,9 @@
 
 Every output tensor is `toolkit.merge.merge_tensor(method, name, base, thetas, alphas, fishers,
 sizes, base_fisher, **options)`, the same code path as in-memory merges. Element-wise methods
-(average, task arithmetic, Fisher averaging, gradient matching) are applied to chunks of
-`chunk` elements that worker threads read into preallocated buffers and merge in parallel while
+(the registry's `elementwise` flag: averaging, task arithmetic, Fisher averaging, gradient
+matching) are applied to chunks of `chunk` elements that worker threads read into
+preallocated buffers and merge in parallel while
 the main thread appends the results to the output, so memory stays bounded whatever the model
 size; methods that need a whole tensor (TIES, DARE, new ones) get one tensor at a time.
 
@@ -52,7 +53,6 @@ from .checkpoint import Checkpoint, ShardWriter, Spec, atomic_dir, copy_side_fil
 from .errors import MergeError
 from .merge import check_alphas, check_options, compute_dtype, get_method, merge_tensor
 
-ELEMENTWISE = frozenset({"average", "task_arithmetic", "fisher_average", "gradient_matching"})
 CONFIG_KEYS = {"base", "models", "method", "options", "delta", "base_fisher", "base_size", "dtype",
                "shard_size", "output", "overwrite"}
 MODEL_KEYS = {"path", "alpha", "fisher", "size"}
@@ -202,12 +202,12 @@ def merge_checkpoints(base: PathLike, models: Sequence[PathLike], output: PathLi
         # Chunks are read and merged by `workers` threads (each chunk in its own buffer slot) while
         # this thread writes the results in order; element-wise methods keep workers + 2 chunks
         # in flight, whole-tensor methods one tensor.
-        slots = workers + 2 if m.name in ELEMENTWISE else 1
+        slots = workers + 2 if m.elementwise else 1
         bytes_read = 0
         with atomic_dir(output, overwrite) as tmp:
             meta = {"merge_method": m.name, "merge_alphas": ",".join(map(str, alphas))}
             writer = ShardWriter(tmp, specs, shard_size, meta)
-            jobs = ((spec, s, n) for spec in writer.order for s, n in ctx.spans(spec.name, m.name not in ELEMENTWISE))
+            jobs = ((spec, s, n) for spec in writer.order for s, n in ctx.spans(spec.name, not m.elementwise))
             pending: deque = deque()
             try:
                 with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc=f"merge ({m.name})",

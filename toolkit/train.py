@@ -75,3 +75,9 @@ def loss_gradient(model: nn.Module, batches: Batches,
                 t += g
     model.train(was_training)
     return dict(zip(names, total))
+
+
+def trainable(model: nn.Module, exclude: Callable[[str], bool] = lambda n: False) -> dict[str, Tensor]:
+    """Detached CPU copies of the trainable parameters (the part that is fine-tuned and merged)."""
+    return {k: p.detach().cpu().clone() for k, p in model.named_parameters()
+            if p.requires_grad and not exclude(k)}

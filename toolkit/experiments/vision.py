@@ -1,24 +1,19 @@
-"""The experiments of the book, as one function and a command line each (vision here, language in language.py):
-
-    python -m toolkit.experiments vision --scale small --seed 0 --out results/vision.csv
+"""Vision benchmark: merging ViTs fine-tuned on several image tasks (chapter 5).
 
 Pipeline: base ViT (trained on a mix of all source domains, or timm weights at `full`) ->
 fine-tune each task (shared backbone + own head, Gaussian prior H_0 = delta I at theta_0) ->
-diagonal Fishers (every estimator) -> merge the backbones with every method over an alpha grid
-(heads are never merged) -> accuracy on every task -> one tidy table. Also: the multi-task model
-(all tasks at once), sweeps over the Fisher estimator, the number of Fisher examples and delta,
-and the gradient mismatch of merges of every size (the paper's Figure 1 analogue). Trained
-models, Fishers and each evaluated merge are cached on disk (`toolkit.cache`).
+diagonal Fishers (every estimator) -> merge the backbones with every registered method over an
+alpha grid (heads are never merged) -> accuracy on every task -> one tidy table. Also: the
+multi-task model (all tasks at once), sweeps over the Fisher estimator (methods that use Fishers),
+the number of Fisher examples and delta (methods that take it), and the gradient mismatch of
+merges of every size (the paper's Figure 1 analogue). Trained models, Fishers and each evaluated
+merge are cached on disk (`toolkit.cache`).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import math
-import sys
-import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
@@ -26,23 +21,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import cache, vision as V
-from .atomic import atomic_file
-from .errors import MergeError
-from .merge import merge_state_dicts
-from .scale import SCALES, get_scale, pick
+from .. import cache, vision as V
+from ..scale import pick
+from . import pipeline as P
 
 StateDict = Mapping[str, Tensor]
-METHODS = ("average", "task_arithmetic", "ties", "dare", "fisher_average", "gradient_matching")
-NO_ALPHA = ("average", "fisher_average")  # with one common alpha, alpha cancels out of these
 STUDIES = ("multitask", "merge", "fisher", "fisher_examples", "delta", "subsets")
 
 
-@dataclass(frozen=True)
-class VisionSetup:
+@dataclass(frozen=True, kw_only=True)
+class VisionSetup(P.Setup):
     """Every number the experiment depends on (the cache keys are hashes of parts of it)."""
-    scale: str
-    seed: int                    # fine-tuning, heads, Fisher sampling, DARE masks, data caps
     vit: V.ViTConfig
     tasks: tuple[V.Task, ...]
     n_train: int | None          # cap per task (None: the whole embedded training split)
@@ -52,30 +41,23 @@ class VisionSetup:
     pretrain_lr: float
     finetune_epochs: float
     finetune_lr: float
-    delta: float                 # H_0 = delta I: the prior of fine-tuning and of gradient matching
     fisher_kind: str             # the estimator of the main comparison
     fisher_kinds: tuple[str, ...]
     fisher_examples: int | None  # examples per Fisher (None: the whole training set)
     fisher_example_grid: tuple[int, ...]
-    alphas: tuple[float, ...]
-    deltas: tuple[float, ...]    # the delta sweep of gradient matching
+    deltas: tuple[float, ...]    # the delta sweep of the methods that take delta
     mismatch_examples: int       # examples per task for the gradients of the mismatch
     subsets_per_size: int | None
-    ties_density: float = 0.2
-    dare_p: float = 0.5
-    fisher_floor: float = 1e-12  # Fisher averaging: avoids 0/0 where every Fisher is zero
+    subset_methods: tuple[str, ...] = ("task_arithmetic", "gradient_matching")  # mismatch study
     base_seed: int = 0           # theta_0 is one fixed "pretrained" model, as in the paper
     studies: tuple[str, ...] = STUDIES
     data_root: str | None = None
-    device: str = "cpu"
 
 
 def setup(scale: str | None = None, seed: int = 0, **overrides: Any) -> VisionSetup:
     """The experiment's settings at a scale (tiny: seconds, small: minutes on 2 CPU cores,
     full: GPU with timm's pretrained ViT-B/32 and torchvision data under `data_root`)."""
-    scale = scale or get_scale()
-    if scale not in SCALES:
-        raise MergeError(f"scale must be one of {SCALES}, got {scale!r}")
+    scale = P.check_scale(scale)
     p = lambda tiny, small, full: pick(tiny, small, full, scale)  # noqa: E731
     s = VisionSetup(
         scale=scale, seed=seed, vit=V.VIT[scale], tasks=V.tasks_for(scale),
@@ -88,7 +70,7 @@ def setup(scale: str | None = None, seed: int = 0, **overrides: Any) -> VisionSe
         alphas=p((0.3, 1.0), (0.1, 0.3, 0.5, 0.7, 1.0), (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)),
         deltas=p((1e3,), (1e-4, 1e-2, 1e2, 1e4), (1e-4, 1e-2, 1e2, 1e4)),
         mismatch_examples=p(32, 128, 1024), subsets_per_size=p(1, 3, 3),
-        device="cuda" if torch.cuda.is_available() else "cpu",
+        device=P.default_device(),
     )
     return replace(s, **overrides)
 
@@ -161,7 +143,7 @@ def multitask(s: VisionSetup, base: StateDict, base_cfg: dict, trains: Sequence,
 def task_fisher(s: VisionSetup, ft: dict, ft_cfg: dict, task: V.Task, train, kind: str,
                 examples: int | None) -> dict[str, Tensor]:
     """Per-example mean diagonal Fisher F_t of the backbone at theta_t (toolkit.curvature)."""
-    from .curvature import fisher
+    from ..curvature import fisher
     cfg = {"ft": ft_cfg, "kind": kind, "examples": examples, "seed": s.seed}
 
     def compute():
@@ -205,7 +187,7 @@ class Evaluator:
 def summed_gradient(s: VisionSetup, backbone: StateDict, head: StateDict, task: V.Task, train) -> dict[str, Tensor]:
     """grad of lbar_t (the SUMMED loss over the N_t training examples) w.r.t. the backbone,
     estimated on the first `mismatch_examples` examples and scaled by N_t / n."""
-    from .train import loss_gradient
+    from ..train import loss_gradient
     model = V.task_model(s.vit, backbone, head, task.n_classes).to(s.device)
     n = min(len(train), s.mismatch_examples)
     sub = torch.utils.data.Subset(train, range(n))
@@ -214,32 +196,16 @@ def summed_gradient(s: VisionSetup, backbone: StateDict, head: StateDict, task: 
     return {k: v.cpu() * (len(train) / n) for k, v in V.backbone_keys(g).items()}
 
 
-def _merge(s: VisionSetup, method: str, base: StateDict, fts: Sequence[StateDict], alpha: float,
-           fishers=None, sizes=None, delta: float | None = None) -> dict[str, Tensor]:
-    T = len(fts)
-    kw: dict[str, Any] = {}
-    alphas = [alpha] * T
-    if method == "ties":
-        alphas, kw = [1.0] * T, {"density": s.ties_density, "lam": alpha}
-    elif method == "dare":
-        kw = {"p": s.dare_p, "seed": s.seed}
-    elif method == "fisher_average":
-        kw = {"fishers": fishers, "sizes": sizes, "fisher_floor": s.fisher_floor}
-    elif method == "gradient_matching":
-        kw = {"fishers": fishers, "sizes": sizes, "delta": s.delta if delta is None else delta}
-    return merge_state_dicts(method, base, fts, alphas, **kw)
-
-
 # ---------------------------------------------------------------------------------------------
 # the experiment
 # ---------------------------------------------------------------------------------------------
 
-def run_vision(s: VisionSetup | None = None, *, progress: bool = True) -> pd.DataFrame:
+def run(s: VisionSetup | None = None, *, progress: bool = True) -> pd.DataFrame:
     """Run (or load from the cache) everything; return the tidy table, one row per
     (study, method, fisher estimator, #Fisher examples, alpha, delta, merged tasks, evaluated task)."""
     s = s or setup()
     with V.fast_cpu():
-        return _run_vision(s, progress)
+        return _run(s, progress)
 
 
 def artifacts(s: VisionSetup, progress: bool = True) -> dict[str, Any]:
@@ -258,7 +224,22 @@ def artifacts(s: VisionSetup, progress: bool = True) -> dict[str, Any]:
             "finetuned": list(fts), "ft_cfgs": list(ft_cfgs), "fishers": fishers}
 
 
-def _run_vision(s: VisionSetup, progress: bool) -> pd.DataFrame:
+def _jobs(s: VisionSetup) -> list[tuple[str, P.Method, str, int | None, float, float]]:
+    """(study, method, Fisher estimator, #Fisher examples, alpha, delta) of every merge."""
+    main = (s.fisher_kind, s.fisher_examples)
+    jobs = [("merge", m, *main, a, s.delta) for m, a in P.grid(s.alphas)]
+    with_f = P.methods(fisher=True)
+    for kind in s.fisher_kinds:
+        if kind != s.fisher_kind:
+            jobs += [("fisher", m, kind, s.fisher_examples, a, s.delta) for m, a in P.grid(s.alphas, with_f)]
+    for ex in s.fisher_example_grid:
+        jobs += [("fisher_examples", m, s.fisher_kind, ex, a, s.delta) for m, a in P.grid(s.alphas, with_f)]
+    for d in s.deltas:
+        jobs += [("delta", m, *main, a, d) for m, a in P.grid(s.alphas, P.methods(option="delta"))]
+    return [j for j in jobs if j[0] in s.studies]
+
+
+def _run(s: VisionSetup, progress: bool) -> pd.DataFrame:
     A = artifacts(s, progress)
     trains, tests, sizes, names = A["trains"], A["tests"], A["sizes"], A["names"]
     base, base_cfg, fts, ft_cfgs = A["base"], A["base_cfg"], A["finetuned"], A["ft_cfgs"]
@@ -286,31 +267,16 @@ def _run_vision(s: VisionSetup, progress: bool) -> pd.DataFrame:
 
     fisher = lambda kind, ex: [task_fisher(s, ft, c, t, tr, kind, ex)  # noqa: E731
                                for ft, c, t, tr in zip(fts, ft_cfgs, s.tasks, trains)]
-    jobs = []  # (study, method, kind, examples, alpha, delta)
-    for m in METHODS:
-        for a in ([1.0] if m in NO_ALPHA else s.alphas):
-            jobs.append(("merge", m, s.fisher_kind, s.fisher_examples, a, s.delta))
-    for kind in s.fisher_kinds:
-        if kind != s.fisher_kind:
-            jobs += [("fisher", "fisher_average", kind, s.fisher_examples, 1.0, s.delta)]
-            jobs += [("fisher", "gradient_matching", kind, s.fisher_examples, a, s.delta) for a in s.alphas]
-    for ex in s.fisher_example_grid:
-        jobs += [("fisher_examples", "fisher_average", s.fisher_kind, ex, 1.0, s.delta)]
-        jobs += [("fisher_examples", "gradient_matching", s.fisher_kind, ex, a, s.delta) for a in s.alphas]
-    for d in s.deltas:
-        jobs += [("delta", "gradient_matching", s.fisher_kind, s.fisher_examples, a, d) for a in s.alphas]
-
-    jobs = [j for j in jobs if j[0] in s.studies]
     fishers: dict[tuple, list] = {(s.fisher_kind, s.fisher_examples): A["fishers"]}
-    for study, m, kind, ex, a, d in tqdm(jobs, desc="merges", disable=not progress):
-        uses_f = m in ("fisher_average", "gradient_matching")
+    for study, m, kind, ex, a, d in tqdm(_jobs(s), desc="merges", disable=not progress):
+        uses_f, takes_d = m.uses_fisher, "delta" in m.options
         if uses_f and (kind, ex) not in fishers:
             fishers[(kind, ex)] = fisher(kind, ex)
         f = fishers.get((kind, ex)) if uses_f else None
-        what = {"method": m, "alpha": a, "delta": d if m == "gradient_matching" else None,
+        what = {"method": m.name, "alpha": a, "delta": d if takes_d else None,
                 "fisher": [kind, ex] if uses_f else None, "ties": s.ties_density, "dare": s.dare_p}
-        acc = evaluated(what, lambda: _merge(s, m, base, bbs, a, f, sizes, d))
-        record(study, m, acc, alpha=None if m in NO_ALPHA else a, delta=d if m == "gradient_matching" else None,
+        acc = evaluated(what, lambda: P.merge(s, m, base, bbs, a, fishers=f, sizes=sizes, delta=d))
+        record(study, m.name, acc, alpha=P.row_alpha(m, a), delta=d if takes_d else None,
                fisher=kind if uses_f else None, fisher_examples=ex if uses_f else None,
                n_tasks=len(bbs), tasks="+".join(names))
     if "subsets" in s.studies:
@@ -334,26 +300,26 @@ def _run_vision(s: VisionSetup, progress: bool) -> pd.DataFrame:
 
 def mismatch_study(s: VisionSetup, base, fts, ft_cfgs, trains, fishers, sizes, evaluated,
                    progress: bool = True) -> list[dict]:
-    """Merges of task subsets of every size (task arithmetic and gradient matching, alpha_t = 1,
-    the all-data target): test accuracy and ||m(theta)||, m = sum_t [grad lbar_t(theta) - grad lbar_t(theta_t)]."""
-    from .mismatch import gradient_mismatch, total_norm
+    """Merges of task subsets of every size (`s.subset_methods`, alpha_t = 1, the all-data target):
+    test accuracy and ||m(theta)||, m = sum_t [grad lbar_t(theta) - grad lbar_t(theta_t)]."""
+    from ..mismatch import gradient_mismatch, total_norm
     names = [t.name for t in s.tasks]
     at_task = [cache.cached("vision-grad", {"ft": ft_cfgs[i], "n": s.mismatch_examples, "theta": "task"},
                             lambda i=i: summed_gradient(s, fts[i]["backbone"], fts[i]["head"], s.tasks[i], trains[i]))
                for i in range(len(fts))]
     rows = []
     subs = V.subsets(len(fts), 2, s.subsets_per_size, s.seed)
-    for sub in tqdm([(m, sub) for sub in subs for m in ("task_arithmetic", "gradient_matching")],
-                    desc="mismatch", disable=not progress):
-        m, sub = sub
-        what = {"method": m, "subset": list(sub), "alpha": 1.0, "delta": s.delta,
+    for m, sub in tqdm([(m, sub) for sub in subs for m in P.methods(s.subset_methods)],
+                       desc="mismatch", disable=not progress):
+        uses_f, takes_d = m.uses_fisher, "delta" in m.options
+        what = {"method": m.name, "subset": list(sub), "alpha": 1.0, "delta": s.delta,
                 "fisher": [s.fisher_kind, s.fisher_examples], "which": list(sub)}
         merged = None
 
         def make():
             nonlocal merged
-            merged = merged or _merge(s, m, base, [fts[i]["backbone"] for i in sub], 1.0,
-                                      [fishers[i] for i in sub], [sizes[i] for i in sub])
+            merged = merged or P.merge(s, m, base, [fts[i]["backbone"] for i in sub], 1.0,
+                                       fishers=[fishers[i] for i in sub], sizes=[sizes[i] for i in sub])
             return merged
 
         acc = evaluated(what, make)
@@ -364,10 +330,10 @@ def mismatch_study(s: VisionSetup, base, fts, ft_cfgs, trains, fishers, sizes, e
         norm = cache.cached("vision-grad", {"what": what, "ft": [ft_cfgs[i] for i in sub],
                                             "n": s.mismatch_examples}, mism)
         for i in sub:
-            rows.append({"study": "subsets", "method": m, "alpha": 1.0,
-                         "delta": s.delta if m == "gradient_matching" else None,
-                         "fisher": s.fisher_kind if m == "gradient_matching" else None,
-                         "fisher_examples": s.fisher_examples if m == "gradient_matching" else None,
+            rows.append({"study": "subsets", "method": m.name, "alpha": 1.0,
+                         "delta": s.delta if takes_d else None,
+                         "fisher": s.fisher_kind if uses_f else None,
+                         "fisher_examples": s.fisher_examples if uses_f else None,
                          "n_tasks": len(sub), "tasks": "+".join(names[j] for j in sub), "task": names[i],
                          "accuracy": acc[i], "mismatch": norm})
     return rows
@@ -392,51 +358,6 @@ def by_alpha(df: pd.DataFrame, study: str = "merge") -> pd.DataFrame:
 def summary(df: pd.DataFrame, study: str = "merge") -> pd.DataFrame:
     """Per method: the best alpha, the mean normalised accuracy there, and its spread (max - min)
     over the alpha grid (0 for methods where a common alpha cancels out)."""
-    a = by_alpha(df, study)
-    g = a.groupby("method", sort=False)["normalised"]
-    best = a.loc[g.idxmax()].set_index("method")
-    out = pd.DataFrame({"best_alpha": best["alpha"], "best_normalised": g.max(), "spread": g.max() - g.min(),
-                        "best_accuracy": best["accuracy"]})
-    return out
-
-
-def write_csv(df: pd.DataFrame, out: str | Path) -> None:
-    """Write atomically: a temporary file in the same folder, then rename."""
-    with atomic_file(out) as tmp:
-        df.to_csv(tmp, index=False)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m toolkit.experiments", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="experiment", required=True)
-    v = sub.add_parser("vision", help="merge ViTs fine-tuned on several vision tasks")
-    v.add_argument("--scale", choices=SCALES, default=None, help="default: $TOOLKIT_SCALE or small")
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--out", default="results/vision.csv")
-    v.add_argument("--data-root", default=None, help="folder of torchvision data sets (full scale)")
-    v.add_argument("--studies", default=",".join(STUDIES),
-                   help=f"comma-separated subset of {','.join(STUDIES)} (individual models always run)")
-    v.add_argument("--no-progress", action="store_true")
-    from . import language
-    language.add_parsers(sub)
-    args = ap.parse_args(argv)
-    if args.experiment in language.EXPERIMENTS:
-        return language.main(args)
-    studies = tuple(x.strip() for x in args.studies.split(",") if x.strip())
-    if not set(studies) <= set(STUDIES):
-        ap.error(f"--studies: unknown {sorted(set(studies) - set(STUDIES))}; choose from {','.join(STUDIES)}")
-    try:
-        s = setup(args.scale, args.seed, data_root=args.data_root, studies=studies)
-        t0 = time.time()
-        df = run_vision(s, progress=not args.no_progress)
-    except MergeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    write_csv(df, args.out)
-    print(summary(df).to_string(float_format=lambda x: f"{x:.3f}"))
-    print(f"wrote {len(df)} rows to {args.out} in {time.time() - t0:.1f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    best = P.best_alpha(by_alpha(df, study), "normalised", keys=None)
+    return pd.DataFrame({"best_alpha": best["alpha"], "best_normalised": best["normalised"],
+                         "spread": best["spread"], "best_accuracy": best["accuracy"]})

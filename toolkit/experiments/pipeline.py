@@ -1,0 +1,123 @@
+"""What every benchmark shares: the settings' merge knobs, the merge-at-a-grid loop over the
+registry, the per-method summary, and the scale, device and CSV helpers.
+
+base theta_0 -> fine-tune per task -> Fishers F_t -> `merges` (every registered method over its
+alpha grid, `merge.merge_at`) -> evaluate -> one tidy table -> `best_alpha` summary.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .. import cache
+from ..atomic import atomic_file
+from ..errors import MergeError
+from ..merge import METHODS, Method, get_method, merge_at
+from ..scale import SCALES, get_scale
+
+StateDict = Mapping[str, Tensor]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Setup:
+    """The settings every benchmark has: scale, seed, the alpha grid, and the merge knobs (one set
+    for every method; `merge_at` hands each method the ones it takes)."""
+    scale: str
+    seed: int                    # fine-tuning, heads, Fisher sampling, DARE masks, data caps
+    alphas: tuple[float, ...]
+    delta: float                 # H_0 = delta I of gradient matching
+    ties_density: float = 0.2
+    dare_p: float = 0.5
+    fisher_floor: float = 1e-12  # Fisher averaging: avoids 0/0 where every Fisher is zero
+    device: str = "cpu"
+
+    def knobs(self, **override: Any) -> dict[str, Any]:
+        """The merge knobs by the names the methods take (TIES density, DARE p and seed, ...)."""
+        return {"delta": self.delta, "density": self.ties_density, "p": self.dare_p,
+                "seed": self.seed, "fisher_floor": self.fisher_floor, **override}
+
+
+def check_scale(scale: str | None) -> str:
+    """`scale`, else $TOOLKIT_SCALE; a MergeError for anything but tiny/small/full."""
+    scale = scale or get_scale()
+    if scale not in SCALES:
+        raise MergeError(f"scale must be one of {SCALES}, got {scale!r}")
+    return scale
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def methods(names: Sequence[str] | None = None, *, fisher: bool | None = None,
+            option: str | None = None) -> list[Method]:
+    """Registered methods (all, or those named), optionally only those that use Fishers
+    (fisher=True) or take a knob (option='delta'); registry order."""
+    ms = list(METHODS.values()) if names is None else [get_method(n) for n in names]
+    return [m for m in ms if (fisher is None or m.uses_fisher == fisher)
+            and (option is None or option in m.options)]
+
+
+def grid(alphas: Sequence[float], ms: Sequence[Method] | None = None) -> list[tuple[Method, float]]:
+    """(method, alpha) over each method's alpha grid (one point where a common alpha cancels)."""
+    return [(m, a) for m in (methods() if ms is None else ms) for a in m.grid(alphas)]
+
+
+def merge(s: Setup, method: str | Method, base: StateDict, models: Sequence[StateDict],
+          alpha: float, **kw: Any) -> dict[str, Tensor]:
+    """One point of the alpha grid with the setup's knobs (`kw`: statistics such as fishers and
+    sizes, or knobs that override the setup's, e.g. delta). Negative-alpha precision warnings
+    are silenced: the benchmarks report them as diagnostics."""
+    name = method if isinstance(method, str) else method.name
+    stats = {k: kw.pop(k) for k in ("fishers", "sizes", "base_fisher", "stats") if k in kw}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="gradient_matching: merged precision")
+        return merge_at(name, base, models, alpha, **stats, **s.knobs(**kw))
+
+
+def merges(s: Setup, base: StateDict, models: Sequence[StateDict], ms: Sequence[Method] | None = None,
+           alphas: Sequence[float] | None = None, **kw: Any) -> Iterator[tuple[Method, float, dict]]:
+    """(method, alpha, merged state dict) over the grid of every registered method (or `ms`)."""
+    for m, a in grid(s.alphas if alphas is None else alphas, ms):
+        yield m, a, merge(s, m, base, models, a, **kw)
+
+
+def row_alpha(m: Method, alpha: float) -> float | None:
+    """The alpha a table records: None where a common alpha cancels out of the method."""
+    return None if m.alpha_cancels else alpha
+
+
+def best_alpha(df: pd.DataFrame, value: str, keys: Sequence[str] | None = ("method", "alpha"),
+               cols: Sequence[str] = (), lower: bool = False) -> pd.DataFrame:
+    """Per method: the grid point (a group of `keys`; None: each row is one) with the best mean
+    `value` (highest, or lowest with lower=True), the spread max - min of that mean over the
+    grid, and the means of `cols` there."""
+    g = df if keys is None else (
+        df.groupby(list(keys), sort=False, dropna=False)[[value, *cols]].mean().reset_index())
+    by = g.groupby("method", sort=False)[value]
+    best = g.loc[by.idxmin() if lower else by.idxmax()].set_index("method")
+    best["spread"] = by.max() - by.min()
+    return best
+
+
+def table_cached(cfg: dict, kind: str = "language-table") -> bool:
+    """Whether a result table with this configuration is in the cache."""
+    path = cache.path_for(kind, cfg)
+    return path is not None and path.is_file()
+
+
+def write_csv(df: pd.DataFrame, out: str | Path) -> None:
+    """Write atomically: a temporary file in the same folder, then rename."""
+    with atomic_file(out) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def to_device(x: Any, device: str) -> Any:
+    from ..batch import to_device as move
+    return move(x, device)
