@@ -7,37 +7,32 @@ on its own data with the prior (delta / 2) ||theta - theta_0||^2 on the summed l
 of the first k added models are compared with the target, the model trained from theta_0 on the
 first k + 1 sources at once (same prior, same passes over every example):
 
-    python -m toolkit.adding --scale small --seeds 0,1,2 --out results/adding.csv
+    python -m toolkit.experiments adding --scale small --seed 0 --out results/adding.csv
 
 For every merge: test accuracy, ||theta - theta_{0:k}|| (distance to the all-data parameters) and
-||m(theta)||, m(theta) = sum_{t=0..k} [grad lbar_t(theta) - grad lbar_t(theta_t)] (toolkit.mismatch),
-which is exactly zero at the all-data model. Knobs (alpha) are chosen on validation examples
-carved from the sources' training data; accuracies are reported on the test split.
+||m(theta)||, m(theta) = sum_{t=0..k} [grad lbar_t(theta) - grad lbar_t(theta_t)] (toolkit.mismatch;
+at the all-data model it equals H_0 (theta_TA - theta_{0:k}), so it is not zero there either).
+Knobs (alpha) are chosen on validation examples carved from the sources' training data;
+accuracies are reported on the test split.
 """
 from __future__ import annotations
 
-import argparse
-import copy
 import math
-import sys
-import time
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
-import torch
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from . import cache, vision as V
-from .errors import MergeError
-from .merge import merge_state_dicts
-from .mismatch import gradient_mismatch, total_norm
-from .scale import SCALES, get_scale, pick
+from .. import cache, vision as V
+from ..errors import MergeError
+from ..mismatch import gradient_mismatch, total_norm
+from ..scale import pick
+from . import pipeline as P
+from . import vision as VB
 
 StateDict = Mapping[str, Tensor]
-METHODS = ("average", "task_arithmetic", "ties", "dare", "fisher_average", "gradient_matching")
-NO_ALPHA = ("average", "fisher_average")  # alpha_t = 1 each: the all-data weights, nothing to tune
 
 # the first source is theta_0's data; the others are added, largest first (N_t span ~30x)
 SOURCES = (
@@ -49,37 +44,30 @@ SOURCES = (
 )
 
 
-@dataclass(frozen=True)
-class AddingSetup:
-    """Every number the data-adding experiment depends on (cache keys hash parts of it)."""
-    scale: str
-    seed: int
-    suite: Any                   # the multi-task setup whose pretrained backbone starts everything
-    sources: tuple[tuple[V.Task, int | None], ...]
+@dataclass(frozen=True, kw_only=True)
+class AddingSetup(P.Setup):
+    """Every number the data-adding experiment depends on (cache keys hash parts of it);
+    delta is the prior of every fine-tune and target, H_0 = delta I (+ N_0 F_0 where a method takes it)."""
+    suite: VB.VisionSetup        # the multi-task setup whose pretrained backbone starts everything
+    sources: tuple[tuple[V.Task, int | None], ...]  # (source, cap on its training examples)
     epochs: float                # passes over each example, for fine-tunes and targets alike
     lr: float
-    delta: float                 # H_0 = delta I (+ N_0 F_0 for gradient matching)
     fisher_examples: int
     mismatch_examples: int
-    alphas: tuple[float, ...]
-    ties_density: float = 0.2
-    dare_p: float = 0.5
 
 
 def setup(scale: str | None = None, seed: int = 0, **overrides: Any) -> AddingSetup:
     """The data-adding experiment at a scale (tiny: seconds; small: a minute per seed on 2 cores)."""
-    from . import experiments as E
-    scale = scale or get_scale()
-    if scale not in SCALES:
-        raise MergeError(f"scale must be one of {SCALES}, got {scale!r}")
+    scale = P.check_scale(scale)
     if scale == "full":
         raise MergeError("the data-adding experiment runs at tiny and small scale only")
     p = lambda tiny, small: pick(tiny, small, None, scale)  # noqa: E731
     sources = SOURCES if scale == "small" else tuple((t, 48 if n is None else max(16, n // 8))
                                                      for t, n in SOURCES[:3])
-    s = AddingSetup(scale=scale, seed=seed, suite=E.setup(scale, seed=0), sources=sources,
+    s = AddingSetup(scale=scale, seed=seed, suite=VB.setup(scale, seed=0), sources=sources,
                     epochs=p(2, 3), lr=p(1e-3, 3e-4), delta=1.0, fisher_examples=p(32, 256),
-                    mismatch_examples=p(32, 256), alphas=p((0.5, 1.0), (0.25, 0.5, 0.75, 1.0, 1.5)))
+                    mismatch_examples=p(32, 256), alphas=p((0.5, 1.0), (0.25, 0.5, 0.75, 1.0, 1.5)),
+                    device=P.default_device())
     return replace(s, **overrides)
 
 
@@ -108,11 +96,10 @@ def _train(s: AddingSetup, start: StateDict, data: Dataset, tag: str, cfg: dict)
 
 def artifacts(s: AddingSetup) -> dict[str, Any]:
     """Data, theta_0, the fine-tuned models, their Fishers and the all-data targets (cached)."""
-    from . import experiments as E
-    from .curvature import fisher
+    from ..curvature import fisher
     splits = [V.task_splits(t, s.scale, n_train=n, seed=s.seed) for t, n in s.sources]
     trains, vals, tests = ([sp[i] for sp in splits] for i in range(3))
-    backbone, bcfg = E.base_backbone(s.suite, progress=False)
+    backbone, bcfg = VB.base_backbone(s.suite, progress=False)
     key = {"base": bcfg, "sources": V.config_dict([t for t, _ in s.sources]),
            "n": [len(t) for t in trains], "epochs": s.epochs, "lr": s.lr, "delta": s.delta}
 
@@ -142,24 +129,15 @@ def artifacts(s: AddingSetup) -> dict[str, Any]:
             "fishers": fishers, "targets": targets}
 
 
-def merge(s: AddingSetup, A: Mapping[str, Any], method: str, k: int, alpha: float) -> dict[str, Tensor]:
-    """theta_0 merged with the first k added models. Averaging and Fisher averaging weigh theta_0
-    in as one more model (N_0, F_0); gradient matching uses H_0 = delta + N_0 F_0."""
-    base, fts = A["base"], A["models"][1:k + 1]
+def merge(s: AddingSetup, A: Mapping[str, Any], m: P.Method, k: int, alpha: float) -> dict[str, Tensor]:
+    """theta_0 merged with the first k added models. A method in which a common alpha cancels
+    (an average of models) averages theta_0 in as one more model, with N_0 and F_0; the others
+    add the k task vectors to theta_0 and get H_0 = delta + N_0 F_0 where they take it."""
     fis, ns = A["fishers"][:k + 1], A["sizes"][:k + 1]
-    if method == "average":
-        return merge_state_dicts("average", base, [base, *fts], [1.0] * (k + 1))
-    if method == "fisher_average":
-        return merge_state_dicts("fisher_average", base, [base, *fts], [1.0] * (k + 1), fishers=fis,
-                                 sizes=ns, fisher_floor=1e-12)
-    if method == "gradient_matching":
-        return merge_state_dicts("gradient_matching", base, fts, [alpha] * k, fishers=fis[1:], sizes=ns[1:],
-                                 base_fisher=fis[0], base_size=ns[0], delta=s.delta)
-    if method == "ties":
-        return merge_state_dicts("ties", base, fts, [1.0] * k, density=s.ties_density, lam=alpha)
-    if method == "dare":
-        return merge_state_dicts("dare", base, fts, [alpha] * k, p=s.dare_p, seed=s.seed)
-    return merge_state_dicts(method, base, fts, [alpha] * k)
+    if m.alpha_cancels:
+        return P.merge(s, m, A["base"], A["models"][:k + 1], alpha, fishers=fis, sizes=ns)
+    return P.merge(s, m, A["base"], A["models"][1:k + 1], alpha, fishers=fis[1:], sizes=ns[1:],
+                   base_fisher=fis[0], base_size=ns[0])
 
 
 def _accuracy(s: AddingSetup, sd: StateDict, data: Sequence[Dataset]) -> float:
@@ -168,7 +146,7 @@ def _accuracy(s: AddingSetup, sd: StateDict, data: Sequence[Dataset]) -> float:
 
 def _gradient(s: AddingSetup, sd: StateDict, data: Dataset) -> dict[str, Tensor]:
     """grad of the SUMMED loss lbar over `data`, from its first mismatch_examples examples x N / n."""
-    from .train import loss_gradient
+    from ..train import loss_gradient
     n = min(len(data), s.mismatch_examples)
     g = loss_gradient(_model(s, sd), V.loader(Subset(data, range(n)), s.suite.batch_size))
     return {k: v * (len(data) / n) for k, v in g.items()}
@@ -179,7 +157,7 @@ def distance(a: StateDict, b: StateDict) -> float:
     return total_norm({k: a[k].double() - b[k].double() for k in a})
 
 
-def run(s: AddingSetup | None = None) -> pd.DataFrame:
+def run(s: AddingSetup | None = None, progress: bool = False) -> pd.DataFrame:
     """One row per (added sets k, method): the validation-chosen alpha, test accuracy, accuracy
     of the all-data target, distance to it and gradient mismatch; plus rows for the target."""
     s = s or setup()
@@ -189,13 +167,13 @@ def run(s: AddingSetup | None = None) -> pd.DataFrame:
         rows = []
         for k in range(1, len(A["trains"])):
             target, trains = A["targets"][k], A["trains"][:k + 1]
-            for method in METHODS:
-                grid = [1.0] if method in NO_ALPHA else s.alphas
+            for method in P.methods():
+                grid = method.grid(s.alphas)
                 val = {a: _accuracy(s, merge(s, A, method, k, a), A["vals"][:k + 1]) for a in grid}
-                alpha = max(grid, key=lambda a: (val[a], -abs(a - 1.0)))
+                alpha = max(grid, key=lambda a: (val[a], -abs(a - 1.0)))  # ties: nearest the target's 1
                 merged = merge(s, A, method, k, alpha)
                 m = gradient_mismatch([_gradient(s, merged, tr) for tr in trains], at_own[:k + 1])
-                rows.append({"k": k, "method": method, "alpha": alpha, "val_accuracy": val[alpha],
+                rows.append({"k": k, "method": method.name, "alpha": P.row_alpha(method, alpha), "val_accuracy": val[alpha],
                              "accuracy": _accuracy(s, merged, A["tests"][:k + 1]),
                              "distance": distance(merged, target), "mismatch": total_norm(m)})
             m = gradient_mismatch([_gradient(s, target, tr) for tr in trains], at_own[:k + 1])
@@ -211,9 +189,10 @@ def run(s: AddingSetup | None = None) -> pd.DataFrame:
     return df
 
 
-def run_seeds(seeds: Sequence[int], scale: str | None = None, **overrides: Any) -> pd.DataFrame:
+def run_seeds(seeds: Sequence[int], scale: str | None = None, progress: bool = False,
+              **overrides: Any) -> pd.DataFrame:
     """`run` for every seed, one table (the seed column tells them apart)."""
-    return pd.concat([run(setup(scale, seed, **overrides)) for seed in seeds], ignore_index=True)
+    return pd.concat([run(setup(scale, seed, **overrides), progress) for seed in seeds], ignore_index=True)
 
 
 def summary(df: pd.DataFrame, k: int | None = None) -> pd.DataFrame:
@@ -226,30 +205,3 @@ def summary(df: pd.DataFrame, k: int | None = None) -> pd.DataFrame:
     out.columns = [f"{a}_{b}" for a, b in out.columns]
     out["alphas"] = g["alpha"].apply(lambda a: ",".join("-" if math.isnan(x) else f"{x:g}" for x in a))
     return out.sort_values("accuracy_mean", ascending=False)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from .experiments import write_csv
-    ap = argparse.ArgumentParser(prog="python -m toolkit.adding", description=__doc__.splitlines()[0])
-    ap.add_argument("--scale", choices=SCALES, default=None, help="default: $TOOLKIT_SCALE or small")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--out", default="results/adding.csv")
-    args = ap.parse_args(argv)
-    try:
-        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-    except ValueError:
-        ap.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
-    t0 = time.time()
-    try:
-        df = run_seeds(seeds, args.scale)
-    except MergeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    write_csv(df, args.out)
-    print(summary(df).to_string(float_format=lambda x: f"{x:.3f}"))
-    print(f"wrote {len(df)} rows to {args.out} in {time.time() - t0:.1f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
