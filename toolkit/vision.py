@@ -2,7 +2,9 @@
 
 A task model is a shared timm VisionTransformer backbone (no classifier) plus its own linear
 head. Only backbones are merged; each task keeps its head. Small scales train the backbone from
-scratch on a mix of all source domains (the "pretrained" theta_0); `full` loads timm weights.
+scratch on images that no task owns, with random quarter turns and inversions so it covers every
+task's domain (the "pretrained" theta_0); `full` loads timm weights. Fine-tuning starts from a
+linear probe (`linear_probe`), then trains head and backbone at separate rates (`fit`).
 """
 from __future__ import annotations
 
@@ -75,8 +77,10 @@ SMALL_TASKS = (
     Task("rot_mnist", "mnist", "rot90", pool=(5, 6, 7), pools=8),
     Task("inv_fashion", "fashion_mnist", "invert", n_classes=5, pool=(1,), pools=2, labels=FASHION_KINDS),
 )
-PRETRAIN_SOURCES = (  # (source, transform, pool, pools, repeats): disjoint from every task above;
-    ("fashion_mnist_extra", "none", None, 1, 1),  # the scarce digit images are repeated 4 times
+# (source, transform, pool, pools, repeats): disjoint from every task above; the scarce digit
+# images are repeated 4 times so that they weigh about as much as the 8000 Fashion-MNIST ones
+PRETRAIN_SOURCES = (
+    ("fashion_mnist_extra", "none", None, 1, 1),
     ("mnist", "none", (0, 1, 2), 8, 4),
     ("digits", "upsample", (0,), 4, 4),
 )

@@ -195,6 +195,14 @@ def run_seeds(seeds: Sequence[int], scale: str | None = None, progress: bool = F
     return pd.concat([run(setup(scale, seed, **overrides), progress) for seed in seeds], ignore_index=True)
 
 
+def points(df: pd.DataFrame) -> pd.DataFrame:
+    """Per method and number of added sets k: mean and standard deviation over seeds of test
+    error, distance to the all-data model and mismatch (the markers of the paper's Figure 1)."""
+    out = df.groupby(["method", "k"], sort=False)[["error", "distance", "mismatch"]].agg(["mean", "std"])
+    out.columns = [f"{a}_{b}" for a, b in out.columns]
+    return out.reset_index()
+
+
 def summary(df: pd.DataFrame, k: int | None = None) -> pd.DataFrame:
     """Per method at k added sets (default: all): mean and standard deviation over seeds of test
     accuracy, distance to the all-data model and mismatch, and the alphas chosen."""

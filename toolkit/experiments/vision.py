@@ -414,6 +414,26 @@ def seed_table(df: pd.DataFrame, study: str = "merge") -> pd.DataFrame:
     return out
 
 
+def alpha_curves(df: pd.DataFrame, study: str = "merge") -> pd.DataFrame:
+    """Per method and alpha: mean and standard deviation over seeds of the mean (over tasks)
+    normalised test accuracy, and of the validation one."""
+    d = df[df["study"] == study].fillna({"alpha": -1.0})
+    per_seed = d.groupby(["method", "alpha", "seed"], sort=False)[["normalised", "val_normalised"]].mean()
+    out = per_seed.groupby(["method", "alpha"], sort=False).agg(["mean", "std"])
+    out.columns = [f"{a}_{b}" for a, b in out.columns]
+    out = out.reset_index()
+    out["alpha"] = out["alpha"].where(out["alpha"] >= 0)
+    return out
+
+
+def compare(a: float, a_std: float, b: float, b_std: float) -> str:
+    """'higher' / 'lower' when mean a differs from mean b by more than the sum of their seed
+    standard deviations, else 'a tie': the rule every claim of the chapters rests on."""
+    if abs(a - b) <= (a_std or 0.0) + (b_std or 0.0):
+        return "a tie"
+    return "higher" if a > b else "lower"
+
+
 def run_seeds(seeds: Sequence[int], scale: str | None = None, progress: bool = False,
               **overrides: Any) -> pd.DataFrame:
     """`run` for every seed (one pretrained theta_0, seeds vary heads, fine-tuning and Fishers)."""
