@@ -226,3 +226,16 @@ def test_adding_sources_differ_in_size_and_theta0_averages_in(adding):
     want = A["base"][k] + (A["models"][1][k] - A["base"][k]) + (A["models"][2][k] - A["base"][k])
     assert torch.allclose(ta[k], want, atol=1e-6)
     assert AD.distance(A["base"], A["base"]) == 0.0
+
+
+def test_adding_cli_writes_the_table(adding, tiny_cache, tmp_path):
+    AD, s, df, A = adding
+    out = tmp_path / "adding.csv"
+    env = {**os.environ, "TOOLKIT_CACHE": str(tiny_cache), "TOOLKIT_SCALE": "tiny"}
+    r = subprocess.run([sys.executable, "-m", "toolkit.experiments", "adding", "--scale", "tiny",
+                        "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(pd.read_csv(out)) == len(df) and "gradient_matching" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "toolkit.experiments", "adding", "--scale", "full"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "tiny and small scale only" in bad.stderr
