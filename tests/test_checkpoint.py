@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from toolkit.checkpoint import (INDEX, Checkpoint, atomic_dir, copy_side_files, fingerprint, parse_dtype,
+from toolkit.atomic import atomic_dir, atomic_file
+from toolkit.checkpoint import (INDEX, Checkpoint, ShardWriter, Spec, copy_side_files, fingerprint, parse_dtype,
                                 parse_size, read_header, save_checkpoint)
 from toolkit.errors import MergeError
 
@@ -82,6 +83,12 @@ def test_broken_inputs_raise_merge_error(tmp_path):
     torch.save({"x": torch.zeros(1)}, tmp_path / "bin" / "pytorch_model.bin")
     with pytest.raises(MergeError, match="convert"):
         Checkpoint(tmp_path / "bin")
+    # an index whose weight_map is not {tensor name: shard file in its folder}
+    save_checkpoint({"x": torch.randn(4)}, tmp_path / "ix", shard_size=100)
+    for weight_map in ("[1, 2]", '{"x": 5}', '{"x": "../ck/model-00001-of-00002.safetensors"}', '"x"'):
+        (tmp_path / "ix" / INDEX).write_text(f'{{"weight_map": {weight_map}}}')
+        with pytest.raises(MergeError, match="weight_map"):
+            Checkpoint(tmp_path / "ix")
     # shape and byte count disagree
     bad = json.dumps({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}).encode()
     (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", len(bad)) + bad + b"\0" * 8)
@@ -131,3 +138,26 @@ def test_parse_size_and_dtype():
         parse_size("lots")
     with pytest.raises(MergeError):
         parse_dtype("float7")
+
+
+def test_writes_refuse_folders_files_in_the_way_and_non_finite_data(tmp_path):
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(MergeError, match="is a folder"):
+        with atomic_file(tmp_path / "dir"):
+            pass
+    (tmp_path / "file").write_text("x")
+    for make in (atomic_file, atomic_dir):
+        with pytest.raises(MergeError, match="is a file, not a folder"):
+            with make(tmp_path / "file" / "below"):
+                pass
+    w = ShardWriter(tmp_path, [Spec("w", torch.float16, (3,))], 100)
+    with pytest.raises(MergeError, match="'w' has 1 non-finite"):  # 1e5 overflows float16
+        w.write("w", torch.tensor([1.0, 1e5, 2.0]))
+    w.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file", "model-00001-of-00001.safetensors"]
+
+
+def test_parse_size_rejects_non_finite_numbers():
+    for bad in (float("nan"), float("inf"), -1, 0, "1.2.3GB", ".GB", "..5"):
+        with pytest.raises(MergeError):
+            parse_size(bad)

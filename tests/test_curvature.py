@@ -451,3 +451,330 @@ def test_errors_are_clear():
         fisher(llama(), [(lm_batch(), None)], "empirical", progress=False)
     with pytest.raises(MergeError, match="input_ids"):
         fisher(model, ok, "empirical", task="causal_lm", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts the hooks must not get wrong: sequence-first, flattened tokens, a tied `emb.weight.T` head
+# ---------------------------------------------------------------------------------------------
+
+
+class SeqFirst(nn.Module):
+    """nn.TransformerEncoderLayer with its default batch_first=False: examples on dimension 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(3, 8)
+        self.enc = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # x [B, L, 3]
+        return self.head(self.enc(self.emb(x.transpose(0, 1))).mean(0))
+
+
+class Flat(nn.Module):
+    """Tokens flattened into the batch: Embedding of ids [B*L], Linear of [B*L, D] (example-major),
+    and a Linear of token-major [L*B, D] rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc, self.fc_t, self.head = nn.Embedding(11, 6), nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, ids):  # ids [B, L]
+        B, L = ids.shape
+        h = torch.tanh(self.fc(self.emb(ids.reshape(-1)))).reshape(B, L, 6)
+        h = torch.tanh(self.fc_t(h.transpose(0, 1).reshape(L * B, 6))).reshape(L, B, 6)
+        return self.head(h.mean(0))
+
+
+class TiedHead(nn.Module):
+    """A tiny causal LM whose output layer is the embedding used as a matrix: h @ emb.weight.T."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(13, 6), nn.Linear(6, 6)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = torch.tanh(self.fc(self.emb(input_ids))).cumsum(1)
+        return h @ self.emb.weight.T
+
+
+def seq_data(n=5, L=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, L, 3, generator=g, dtype=D64), torch.randint(0, 3, (n,), generator=g)
+
+
+def hooks_vs_loop(model, b, kind, match=None, **kw):
+    """The hooks backend warns (naming `match`) or not, and agrees with the loop to 1e-6."""
+    import warnings
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = fisher(model, b, kind, backend="hooks", progress=False, seed=2, **kw)
+    ref = fisher(model, b, kind, backend="loop", progress=False, seed=2, **kw)
+    assert_close(got, ref, 1e-6)
+    msgs = [str(x.message) for x in w if "hooks backend" in str(x.message)]
+    if match is None:
+        assert msgs == []
+    else:
+        assert len(msgs) == 1 and match in msgs[0], msgs
+    return got
+
+
+@pytest.mark.parametrize("L", [4, 6])  # L = 4: as many positions as examples, the shape cannot tell
+@pytest.mark.parametrize("kind", ["exact", "empirical"])
+def test_sequence_first_transformer_layer(kind, L):
+    torch.manual_seed(10)
+    model = SeqFirst().to(D64)
+    x, y = seq_data(4, L)
+    hooks_vs_loop(model, batches(x, y, 4), kind)
+
+
+@pytest.mark.parametrize("kind", ["exact", "mc"])
+def test_tokens_flattened_into_the_batch(kind):
+    torch.manual_seed(11)
+    model = Flat().to(D64)
+    g = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(0, 11, (6, 5), generator=g), torch.randint(0, 3, (6,), generator=g)
+    hooks_vs_loop(model, batches(ids, y, 3), kind)
+
+
+def test_tied_head_used_outside_its_module_falls_back_for_that_parameter():
+    torch.manual_seed(12)
+    model = TiedHead().to(D64)
+    ids = torch.randint(0, 13, (4, 5), generator=torch.Generator().manual_seed(2))
+    for kind in ("empirical", "mc"):
+        _PROBED_clear(model)
+        hooks_vs_loop(model, [({"input_ids": ids}, None)], kind, match="'emb.weight'", task="causal_lm")
+
+
+def _PROBED_clear(model):
+    from toolkit.persample import _PROBED
+    _PROBED.pop(model, None)
+
+
+def test_a_layer_that_mixes_examples_falls_back():
+    """BatchNorm in training mode (called directly on the engine): examples interact upstream."""
+    from toolkit.curvature import select_params
+    from toolkit.persample import HookEngine
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).to(D64).train()
+    chosen, _ = select_params(model, None)
+    with pytest.warns(UserWarning, match="layer '0' .* mixes examples"), HookEngine(model, chosen, {k: torch.zeros_like(p) for k, p in chosen.items()}) as eng:
+        z = eng.forward(torch.randn(6, 4, dtype=D64))
+        eng.backward(z, torch.randn_like(z))
+    assert {"0.weight", "0.bias"} <= set(eng.loop) and "1.weight" not in eng.loop
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast rules: BatchNorm, GroupNorm; unused parameters; the exact Fisher in one batched pass
+# ---------------------------------------------------------------------------------------------
+
+
+class Unused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.spare, self.free = nn.Linear(5, 3), nn.Linear(5, 3), nn.Parameter(torch.ones(2, 2))
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def bn_cnn():
+    torch.manual_seed(14)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                         nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 6), nn.BatchNorm1d(6),
+                         nn.Linear(6, 3)).to(D64)
+
+
+@pytest.mark.parametrize("kind", ["exact", "mc", "empirical"])
+def test_batchnorm_and_groupnorm_have_fast_rules(kind):
+    from toolkit.curvature import select_params
+    from toolkit.persample import HookEngine
+    model = bn_cnn()
+    with torch.no_grad():  # running statistics away from 0 / 1, so that eval mode matters
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    model.train()
+    x, y = data("conv", 8)
+    hooks_vs_loop(model, batches(x, y, 4), kind)
+    assert model.training and model[1].num_batches_tracked == 0  # mode restored, statistics untouched
+    chosen, _ = select_params(model, None)
+    with HookEngine(model.eval(), chosen, {k: torch.zeros_like(p) for k, p in chosen.items()}) as eng:
+        z = eng.forward(x)
+        eng.backward(z, torch.randn_like(z))
+    assert eng.loop == []
+
+
+def test_parameters_without_gradient_are_skipped():
+    from toolkit.curvature import select_params
+    from toolkit.persample import HookEngine
+    torch.manual_seed(15)
+    model = Unused().to(D64)
+    x, y = data("mlp", 6)
+    f = hooks_vs_loop(model, [(x, y)], "exact")
+    assert all(float(f[k].abs().max()) == 0 for k in ("spare.weight", "spare.bias", "free"))
+    chosen, _ = select_params(model, None)
+    with HookEngine(model.eval(), chosen, {k: torch.zeros_like(p) for k, p in chosen.items()}) as eng:
+        z = eng.forward(x)
+        assert eng.unused == {"spare.weight", "spare.bias", "free"} and eng._looped() == []
+
+
+def test_exact_fisher_uses_one_batched_backward_pass(monkeypatch):
+    """The C square-root factors go through the hooks as one batch of output gradients."""
+    from toolkit import persample
+    calls = []
+    real = torch.autograd.grad
+
+    def spy(*a, **kw):
+        calls.append(kw.get("is_grads_batched", False))
+        return real(*a, **kw)
+
+    model = vit()
+    x, y = data("vit", 6)
+    fisher(model, [(x, y)], "exact", progress=False)  # the check runs on the first call
+    monkeypatch.setattr(persample.torch.autograd, "grad", spy)
+    fisher(model, [(x, y)], "exact", progress=False)
+    assert calls == [True]
+    assert not persample._BATCHED_FAILS.get(model, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends by name
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["exact", "mc", "empirical"])
+def test_backends_agree(kind):
+    from toolkit.backends import BACKENDS
+    assert {"hooks", "loop", "vmap", "backpack"} <= set(BACKENDS)
+    torch.manual_seed(16)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).to(D64)
+    x, y = data("mlp", 8)
+    ref = fisher(model, batches(x, y, 4), kind, backend="loop", seed=3, progress=False)
+    names = ["hooks", "vmap"] + (["backpack"] if _has_backpack() else [])
+    for be in names:
+        assert_close(fisher(model, batches(x, y, 4), kind, backend=be, seed=3, progress=False), ref, 1e-8)
+
+
+def _has_backpack():
+    try:
+        import backpack  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_backpack_missing_is_a_clear_error(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "backpack", None)
+    model = mlp()
+    with pytest.raises(MergeError, match="backpack-for-pytorch"):
+        fisher(model, [data("mlp", 4)], backend="backpack", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Causal LM: per-token Fisher, examples without a counted token, NaN inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_per_token_fisher_equals_brute_force():
+    model = llama()
+    inp = lm_batch()
+    data_ = [(inp, None)]
+    got = fisher(model, data_, "empirical", task="causal_lm", per="token", progress=False)
+    names, params = zip(*model.named_parameters())
+    ref = {k: torch.zeros_like(p) for k, p in zip(names, params)}
+    ids, mask = inp["input_ids"], inp["attention_mask"]
+    T = 0
+    for n in range(len(ids)):
+        z = model(input_ids=ids[n:n + 1], attention_mask=mask[n:n + 1]).logits[0]
+        for t in range(ids.shape[1] - 1):
+            if mask[n, t] and mask[n, t + 1]:
+                T += 1
+                loss = F.cross_entropy(z[t], ids[n, t + 1])
+                for k, gk in zip(names, torch.autograd.grad(loss, params, retain_graph=True)):
+                    ref[k] += gk ** 2
+    ref = {k: v / T for k, v in ref.items()}
+    ref["lm_head.weight"] = ref["model.embed_tokens.weight"]
+    assert_close(got, ref, 1e-10)
+    assert got.n == got.n_tokens == T and got.n_examples == 4
+    seq = fisher(model, data_, "empirical", task="causal_lm", progress=False)
+    assert seq.n == 4 and seq.n_tokens == T
+    mc = [fisher(model, data_, "mc", task="causal_lm", per="token", seed=1, backend=be, progress=False)
+          for be in ("hooks", "loop")]
+    assert_close(mc[0], mc[1], 1e-10)
+
+
+def test_examples_without_a_counted_token_do_not_count():
+    model = llama()
+    inp = lm_batch()
+    pad = {"input_ids": torch.cat([inp["input_ids"], torch.zeros(2, 7, dtype=torch.long)]),
+           "attention_mask": torch.cat([inp["attention_mask"], torch.zeros(2, 7, dtype=torch.long)])}
+    pad["attention_mask"][5, 3] = 1  # one real token and no next one: nothing to predict
+    for be in ("hooks", "loop"):
+        a = fisher(model, [(inp, None)], "empirical", task="causal_lm", backend=be, progress=False)
+        b = fisher(model, [(pad, None)], "empirical", task="causal_lm", backend=be, progress=False)
+        assert b.n == b.n_examples == 4
+        assert_close(b, a, 1e-10)
+    short = {"input_ids": inp["input_ids"][:, :1], "attention_mask": inp["attention_mask"][:, :1]}
+    with pytest.raises(MergeError, match="no counted token"):
+        fisher(model, [(short, None)], "empirical", task="causal_lm", progress=False)
+
+
+def test_nan_inputs_raise():
+    model = mlp()
+    x, y = data("mlp", 4)
+    x[2, 1] = float("nan")
+    for kind in ("mc", "batch_squared"):
+        with pytest.raises(MergeError, match="not finite"):
+            fisher(model, [(x, y)], kind, progress=False)
+
+
+class Branch(nn.Module):
+    """A layer used only for some inputs (last feature above 5), first met after the check."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.extra, self.head = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        if bool((x[:, -1] > 5).all()):
+            h = torch.tanh(self.extra(h.unsqueeze(0))[0])  # sequence-first-like [1, B, D]
+        return self.head(h)
+
+
+def test_a_layer_first_called_after_the_check_is_checked_then():
+    torch.manual_seed(17)
+    model = Branch().to(D64)
+    x, y = data("mlp", 7)
+    x[4:, -1] = 6.0
+    hooks_vs_loop(model, [(x[:4], y[:4]), (x[4:], y[4:])], "exact")
+
+
+class Positions(nn.Module):
+    """Position embeddings of ids [1, L], broadcast over the batch (as BERT's and GPT-2's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(11, 6), nn.Embedding(8, 6), nn.Linear(6, 3)
+
+    def forward(self, ids):
+        h = self.tok(ids) + self.pos(torch.arange(ids.shape[1])[None])
+        return self.head(torch.tanh(h).mean(1))
+
+
+def test_a_layer_output_shared_by_the_batch_is_expanded_per_example():
+    from toolkit.curvature import select_params
+    from toolkit.persample import HookEngine
+    torch.manual_seed(18)
+    model = Positions().to(D64)
+    g = torch.Generator().manual_seed(3)
+    ids, y = torch.randint(0, 11, (5, 7), generator=g), torch.randint(0, 3, (5,), generator=g)
+    hooks_vs_loop(model, [(ids, y)], "exact")
+    chosen, _ = select_params(model, None)
+    with HookEngine(model.eval(), chosen, {k: torch.zeros_like(p) for k, p in chosen.items()}) as eng:
+        z = eng.forward(ids)
+        eng.backward(z, torch.randn_like(z))
+    assert eng.loop == [] and eng.expanded

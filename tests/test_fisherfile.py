@@ -46,6 +46,9 @@ def test_read_texts(tmp_path, llm):
     (tmp_path / "bad.jsonl").write_text('{"txt": "x"}\n')
     with pytest.raises(MergeError, match="line 1"):
         read_texts(tmp_path / "bad.jsonl")
+    (tmp_path / "binary.txt").write_bytes(b"\xf8\x00\xff weights, not text")
+    with pytest.raises(MergeError, match="not UTF-8"):
+        read_texts(tmp_path / "binary.txt")
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(MergeError, match="no examples"):
         read_texts(tmp_path / "empty.txt")
@@ -69,6 +72,14 @@ def test_estimate_matches_curvature_and_names_the_checkpoint(tmp_path, llm):
     for k, v in F.items():
         torch.testing.assert_close(v, want[k], rtol=1e-5, atol=1e-9)
     assert sum(v.sum() for v in F.values()) > 0
+    tok = estimate_fisher_file(ft, d / "texts.jsonl", tmp_path / "t.safetensors", kind="empirical",
+                               max_examples=12, batch_size=4, progress=False, per="token")
+    want = fisher(model, batches, "empirical", task="causal_lm", per="token", progress=False)
+    F, meta = read_fisher(tmp_path / "t.safetensors")
+    assert meta.n_examples == want.n == want.n_tokens > 12 and meta.extra["per"] == "token"
+    assert meta.dataset_size == pytest.approx(want.n * len(read_texts(d / "texts.jsonl")) / 12)
+    for k, v in F.items():
+        torch.testing.assert_close(v, want[k], rtol=1e-5, atol=1e-9)
 
 
 def test_reduce_mean_single_process_is_identity():
@@ -112,3 +123,61 @@ def test_merge_with_fisher_files(tmp_path, llm):
         merge_checkpoints(base, [ft], tmp_path / "bad", method="gradient_matching", fishers=[f_base.path],
                           progress=False)
     assert fisher_info(f_ft.path).dataset_size == 100.0
+
+
+def test_fisher_command_validates_its_arguments_before_estimating(tmp_path, llm):
+    """Each mistake: exit 2, one line naming the flag or file, no Fisher file, inputs intact."""
+    import contextlib
+    import io
+    import shutil
+
+    from toolkit.__main__ import main
+
+    d, _, ft = llm
+    notok = tmp_path / "notok"
+    notok.mkdir()
+    for f in ft.iterdir():
+        if not f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, notok / f.name)
+    (tmp_path / "adir").mkdir()
+    data = d / "texts.txt"
+    before = data.read_bytes()
+    out = tmp_path / "f.safetensors"
+    for extra, names in [
+        (["--dataset-size", "-5"], ["--dataset-size"]), (["--dataset-size", "nan"], ["--dataset-size", "finite"]),
+        (["--dataset-size", "0"], ["--dataset-size"]), (["--batch-size", "0"], ["--batch-size"]),
+        (["--max-length", "0"], ["--max-length"]), (["--max-length", "1"], ["--max-length"]),
+        (["--n-samples", "0"], ["--n-samples"]), (["--threads", "-1"], ["--threads"]),
+        (["--dtype", "int8"], ["dtype", "floating"]),
+        (["--out", str(tmp_path / "adir")], ["adir", "is a folder"]),
+        (["--out", str(data)], ["texts.txt", "is the input"]),
+        (["--out", str(ft / "fisher.safetensors")], ["lies inside the input"]),
+        (["--model", str(notok)], ["notok", "no tokenizer files"]),
+    ]:
+        model = extra[1] if extra[0] == "--model" else str(ft)
+        argv = ["fisher", model, "--data", str(data), "--quiet", "--kind", "empirical"]
+        argv += [] if extra[0] == "--model" else extra
+        if "--out" not in argv:
+            argv += ["--out", str(out)]
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                rc = main(argv)
+            except SystemExit as e:
+                rc = e.code
+        lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("error:"), (extra, lines)
+        assert all(n in lines[0] for n in names), (extra, lines)
+        assert not out.exists() and not (ft / "fisher.safetensors").exists()
+    assert data.read_bytes() == before
+
+
+def test_fisher_file_metadata_is_checked_when_written(tmp_path):
+    f = {"a": torch.rand(3)}
+    for size in (-5.0, float("nan"), 0.0, "100"):
+        with pytest.raises(MergeError, match="dataset_size"):
+            write_fisher(tmp_path / "f.safetensors", f, estimator="mc", n_examples=3, dataset_size=size)
+    with pytest.raises(MergeError, match="dataset_size"):  # at estimation time, before any work
+        estimate_fisher_file(tmp_path / "nomodel", tmp_path / "nodata.txt", tmp_path / "f.safetensors",
+                             dataset_size=-5, progress=False)
+    assert not list(tmp_path.iterdir())

@@ -211,3 +211,51 @@ def test_cli_end_to_end(tmp_path):
         torch.testing.assert_close(got[k], v.to(got[k].dtype), rtol=1e-6, atol=0)
     r = run("merge", str(tmp_path / "merge.yaml"))  # exists already: a one-line error, status 2
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+KILLED_MERGE = """
+import sys, time
+from toolkit.checkpoint import ShardWriter
+from toolkit.stream import merge_config
+real, calls = ShardWriter.write, [0]
+def write(self, name, data):  # write part of the output, say so, then wait to be killed
+    real(self, name, data)
+    calls[0] += 1
+    if calls[0] == 3:
+        self._f.flush()
+        print("half-written", flush=True)
+        time.sleep(600)
+ShardWriter.write = write
+merge_config(sys.argv[1], progress=False)
+"""
+
+
+def test_kill_9_leaves_nothing_and_the_rerun_cleans_up(tmp_path):
+    """kill -9 mid-merge: nothing at the destination; the rerun succeeds and removes the temporary."""
+    import os
+    import signal
+
+    base, models, _, _, _, _, _ = synthetic(tmp_path)
+    cfg = {"base": "base", "models": [{"path": f"m{i}", "alpha": a} for i, a in enumerate(ALPHAS)],
+           "method": "task_arithmetic", "output": "out", "shard_size": 300}
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-c", KILLED_MERGE, str(tmp_path / "merge.yaml")], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert p.stdout.readline().strip() == "half-written", p.stderr.read()
+        os.kill(p.pid, signal.SIGKILL)
+    finally:
+        p.kill()
+        p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    stale = list(tmp_path.glob(".out.tmp-*"))
+    assert not (tmp_path / "out").exists() and len(stale) == 1  # what a kill -9 leaves: a hidden temporary
+    assert any(f.stat().st_size > 0 for f in stale[0].iterdir())
+    r = subprocess.run([sys.executable, "-m", "toolkit", "merge", str(tmp_path / "merge.yaml"), "--quiet"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not list(tmp_path.glob(".out.*"))  # the rerun removed the dead run's temporary
+    got = Checkpoint(tmp_path / "out").state_dict()
+    for k, v in merge_state_dicts("task_arithmetic", base, models, ALPHAS).items():
+        assert torch.equal(got[k], v), k

@@ -33,3 +33,14 @@ def batch_size(inputs: Any) -> int:
     if isinstance(inputs, dict):
         return len(next(iter(inputs.values())))
     return len(inputs)
+
+
+def take(x: Any, sl: slice | int) -> Any:
+    """Rows `sl` of a tensor or of every tensor in a dict (a batch slice; an int keeps the dim)."""
+    if isinstance(sl, int):
+        sl = slice(sl, sl + 1)
+    if isinstance(x, Tensor):
+        return x[sl]
+    if isinstance(x, dict):
+        return {k: v[sl] if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in x.items()}
+    return x

@@ -7,32 +7,41 @@
 
 Every kind is a sum of per-example squared gradients of -log p(y|x) for some labels y, so all
 of them come from one routine: pick the gradient of the loss w.r.t. the logits (p - e_y, scaled),
-then either run a backward pass per example ("loop", the reference) or one batched backward pass
-whose layer hooks form the per-example squares ("hooks", `toolkit.persample`).
+then hand them to a backend (`toolkit.backends`): one backward pass per example ("loop", the
+reference), batched backward passes whose layer hooks form the per-example squares ("hooks",
+`toolkit.persample`, the default), torch.func ("vmap") or BackPACK ("backpack").
 """
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .batch import batch_size, logits as model_logits
+from .backends import BACKENDS, get_backend  # noqa: F401 (BACKENDS: the names fisher accepts)
+from .batch import batch_size, logits as model_logits, take as _take
 from .errors import MergeError
-from .persample import HookEngine
 
 KINDS = ("exact", "mc", "empirical", "batch_squared")
-BACKENDS = ("auto", "hooks", "loop")
 TASKS = ("classification", "causal_lm")
+PER = ("sequence", "token")
+
+
+class FisherDiag(dict):
+    """{state_dict name: F} and the counts behind the mean: `n` (its denominator: examples, or
+    counted tokens for per="token"; use it as N_t), `n_examples` (examples with at least one counted
+    prediction), `n_tokens` (counted next-token predictions, causal_lm; else None)."""
+    n: int
+    n_examples: int
+    n_tokens: int | None
 
 
 def fisher(model: nn.Module, batches: Iterable[tuple[Any, Any]], kind: str = "mc", *,
-           n_samples: int = 1, backend: str = "auto", task: str = "classification",
+           n_samples: int = 1, backend: str = "auto", task: str = "classification", per: str = "sequence",
            params: Callable[[str], bool] | Sequence[str] | None = None, seed: int = 0,
-           progress: bool = True, max_examples: int | None = None) -> dict[str, Tensor]:
+           progress: bool = True, max_examples: int | None = None) -> FisherDiag:
     """Diagonal Fisher of `model` on `batches`, the MEAN over examples (multiply by N for H_t).
 
     kind: "exact" (classification only), "mc" (n_samples labels drawn from the model per example,
@@ -40,55 +49,106 @@ def fisher(model: nn.Module, batches: Iterable[tuple[Any, Any]], kind: str = "mc
     gradient of each batch's MEAN loss with true labels, averaged over batches: what MergeLM and
     FusionBench compute; it is biased and about batch-size times too small, kept for comparison).
     task: "classification" (logits [B, C], targets [B]) or "causal_lm" (inputs with input_ids and
-    optional attention_mask, logits [B, L, V], next-token targets; one example = one sequence, its
-    gradient summed over its tokens; targets None, or HF-style labels [B, L] with -100 ignored).
-    backend: "hooks"/"auto" (per-example squares inside one backward pass) or "loop" (reference).
+    optional attention_mask, logits [B, L, V], next-token targets; targets None, or HF-style labels
+    [B, L] with -100 ignored). per (causal_lm): "sequence" (default; one example = one sequence,
+    F = 1/N sum_n (sum_t g_nt)^2 over the N sequences with a counted token) or "token" (every counted
+    next-token prediction is an example, F = 1/T sum_nt g_nt^2 over the T counted tokens; about
+    L times the cost). The result's `.n` is N or T: use it as N_t.
+    backend: a name in toolkit.backends.BACKENDS: "hooks"/"auto" (per-example squares inside
+    batched backward passes; the exact Fisher's C output gradients in one batched pass), "loop"
+    (reference), "vmap", "backpack" (optional package).
     params: a name filter or a list of names; a tied parameter is kept if any of its names passes.
-    Returns {state_dict name: F} for each selected trainable parameter under every alias, float32
-    (float64 for float64 parameters). The model is in eval mode meanwhile; nothing of it changes.
+    Returns a FisherDiag {state_dict name: F} for each selected trainable parameter under every
+    alias, float32 (float64 for float64 parameters). The model is in eval mode meanwhile; nothing of
+    it changes. Non-finite logits (e.g. NaN inputs) raise MergeError.
+
+    Hooks backend, what is fast and what is checked: per-example rules for nn.Linear, Conv1d/2d,
+    Embedding, LayerNorm, RMSNorm (and look-alikes that pass a first-call output check), GroupNorm,
+    BatchNorm1d/2d/3d; leading-dim-1 parameters broadcast over the batch (ViT cls_token, pos_embed)
+    by a batch-expanded copy p + z, as are layer outputs shared by the batch (position embeddings of
+    ids [1, L]). Checked once per model and selection on a batch of >= 2 examples
+    (one extra backward pass): where each layer's examples lie (dim 0, dim 1 as in sequence-first
+    attention, or flattened [B*L, D]) and that each hooked parameter's per-example gradient equals
+    the true one (fails for weights also used outside their layer, e.g. a `h @ emb.weight.T` head).
+    Everything else, and whatever fails the check (one warning naming it), gets a per-example loop
+    of backward passes; parameters the logits do not depend on are skipped (zeros).
     """
-    _check_options(kind, backend, task, n_samples, max_examples)
+    _check_options(kind, task, per, n_samples, max_examples)
+    Backend = get_backend(backend)
     chosen, aliases = select_params(model, params)
     acc = {k: torch.zeros_like(p, dtype=_acc_dtype(p)) for k, p in chosen.items()}
     gen = torch.Generator().manual_seed(seed)
     modes = {m: m.training for m in model.modules()}
     model.eval()
-    seen = n_batches = 0
+    rows = examples = tokens = n_batches = 0
     total = len(batches) if hasattr(batches, "__len__") else None
-    hooks = backend in ("auto", "hooks") and kind != "batch_squared"
     try:
-        with torch.enable_grad(), (HookEngine(model, chosen, acc) if hooks else nullcontext()) as eng:
-            for batch in tqdm(batches, desc=f"fisher ({kind})", total=total, disable=not progress):
+        with torch.enable_grad(), Backend(model, chosen, acc) as be:
+            for i, batch in enumerate(tqdm(batches, desc=f"fisher ({kind})", total=total, disable=not progress)):
                 inputs, targets = _unpack(batch)
                 B = batch_size(inputs)
                 if max_examples is not None:
-                    if seen >= max_examples:
+                    if rows >= max_examples:
                         break
-                    if seen + B > max_examples:
-                        B = max_examples - seen
+                    if rows + B > max_examples:
+                        B = max_examples - rows
                         inputs, targets = _take(inputs, slice(0, B)), _take(targets, slice(0, B))
+                rows += B
                 if B == 0:
                     continue
                 if kind == "batch_squared":
-                    _batch_squared(model, chosen, acc, inputs, targets, task, backend)
-                elif eng is not None:
-                    _hooks_batch(eng, inputs, targets, kind, task, n_samples, gen)
-                else:
-                    _loop_batch(model, chosen, acc, inputs, targets, kind, task, n_samples, gen)
-                seen += B
-                n_batches += 1
+                    counted = _batch_squared(model, chosen, acc, inputs, targets, task, backend == "loop", i)
+                    n_batches += counted > 0
+                    examples += counted
+                    continue
+                z = be.forward(inputs)
+                _finite(z, i)
+                labels, valid = _labels(z, inputs, targets, task)
+                examples += B if valid is None else int(valid.any(1).sum())
+                tokens += 0 if valid is None else int(valid.sum())
+                if kind == "exact" and hasattr(be, "exact"):
+                    be.exact(inputs, z)
+                    continue
+                p = _probs(z, task)
+                draws = _draw(p, n_samples, gen) if kind == "mc" else None
+                Gs = _output_grads(z, p, kind, labels, valid, draws)
+                for chunk in (_per_token(Gs, valid) if per == "token" else [Gs]):
+                    be.backward(inputs, z, chunk)
     finally:
         for m, mode in modes.items():
             m.train(mode)
-    if seen == 0:
-        raise MergeError("fisher: no examples: the batches were empty")
-    denom = n_batches if kind == "batch_squared" else seen
-    out: dict[str, Tensor] = {}
+    n = n_batches if kind == "batch_squared" else tokens if per == "token" else examples
+    if n == 0:
+        raise MergeError("fisher: no examples: the batches were empty" + (
+            " or had no counted token (all padding or -100 labels, or length 1)" if task == "causal_lm" else ""))
+    out = FisherDiag()
     for k, v in acc.items():
-        v = v / denom
-        for i, a in enumerate(aliases[k]):
-            out[a] = v if i == 0 else v.clone()
+        if not torch.isfinite(v).all():
+            raise MergeError(f"fisher: the Fisher of {k!r} is not finite (overflow in the squared gradients)")
+        v = v / n
+        for j, a in enumerate(aliases[k]):
+            out[a] = v if j == 0 else v.clone()
+    out.n, out.n_examples, out.n_tokens = n, examples, tokens if task == "causal_lm" else None
     return out
+
+
+def _finite(z: Tensor, i: int) -> None:
+    if not torch.isfinite(z).all():
+        raise MergeError(f"fisher: the model's outputs on batch {i} are not finite (NaN or inf in the inputs "
+                         "or the weights)")
+
+
+def _per_token(Gs: Tensor, valid: Tensor) -> Iterable[Tensor]:
+    """The output gradients split by position: for each t with a counted token, Gs masked to t;
+    yielded in chunks [K * positions, ...] of bounded size."""
+    ts = [t for t in range(valid.shape[1]) if valid[:, t].any()]
+    step = max(1, 2**24 // max(1, Gs.numel()))
+    for i in range(0, len(ts), step):
+        part = ts[i:i + step]
+        out = Gs.new_zeros((len(part),) + Gs.shape)
+        for j, t in enumerate(part):
+            out[j, :, :, t] = Gs[:, :, t]
+        yield out.flatten(0, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,19 +156,22 @@ def fisher(model: nn.Module, batches: Iterable[tuple[Any, Any]], kind: str = "mc
 # --------------------------------------------------------------------------------------------
 
 
-def _check_options(kind: str, backend: str, task: str, n_samples: int, max_examples: int | None) -> None:
+def _check_options(kind: str, task: str, per: str, n_samples: int, max_examples: int | None) -> None:
     if kind not in KINDS:
         raise MergeError(f"fisher: unknown kind {kind!r}; choose one of {KINDS}")
-    if backend not in BACKENDS:
-        raise MergeError(f"fisher: unknown backend {backend!r}; choose one of {BACKENDS}")
     if task not in TASKS:
         raise MergeError(f"fisher: unknown task {task!r}; choose one of {TASKS}")
+    if per not in PER:
+        raise MergeError(f"fisher: unknown per {per!r}; choose one of {PER}")
+    if per == "token" and (task != "causal_lm" or kind == "batch_squared"):
+        raise MergeError("fisher: per='token' is for task='causal_lm' with kind='mc' or 'empirical'")
     if kind == "exact" and task != "classification":
         raise MergeError("fisher: kind='exact' sums over every label and is only for "
                          "task='classification'; for causal_lm use kind='mc' or 'empirical'")
-    if not isinstance(n_samples, int) or n_samples < 1:
+    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
         raise MergeError(f"fisher: n_samples must be a positive integer, got {n_samples!r}")
-    if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
+    if max_examples is not None and (not isinstance(max_examples, int) or isinstance(max_examples, bool)
+                                     or max_examples < 1):
         raise MergeError(f"fisher: max_examples must be a positive integer or None, got {max_examples!r}")
 
 
@@ -157,19 +220,8 @@ def _unpack(batch: Any) -> tuple[Any, Any]:
     return inputs, targets
 
 
-def _take(x: Any, sl: slice | int) -> Any:
-    """Rows `sl` of a tensor or of every tensor in a dict (a batch slice)."""
-    if isinstance(sl, int):
-        sl = slice(sl, sl + 1)
-    if isinstance(x, Tensor):
-        return x[sl]
-    if isinstance(x, dict):
-        return {k: v[sl] if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in x.items()}
-    return x
-
-
 # --------------------------------------------------------------------------------------------
-# Labels and output gradients (shared by both backends)
+# Labels and output gradients (shared by every backend)
 # --------------------------------------------------------------------------------------------
 
 
@@ -230,9 +282,9 @@ def _minus_onehot(p: Tensor, y: Tensor) -> Tensor:
 
 
 def _output_grads(z: Tensor, p: Tensor, kind: str, labels: Tensor, valid: Tensor | None,
-                  draws: Tensor | None) -> list[Tensor]:
-    """Gradients of the summed per-example losses w.r.t. the logits, one per backward pass;
-    the per-example squared parameter gradients of all passes add up to the estimator."""
+                  draws: Tensor | None) -> Tensor:
+    """Gradients of the summed per-example losses w.r.t. the logits, stacked [K, *z.shape]; the
+    per-example squared parameter gradients of all K add up to the estimator."""
     def full(d: Tensor) -> Tensor:
         if valid is None:
             return d.to(z.dtype)
@@ -241,75 +293,48 @@ def _output_grads(z: Tensor, p: Tensor, kind: str, labels: Tensor, valid: Tensor
         return G
 
     if kind == "empirical":
-        return [full(_minus_onehot(p, labels))]
+        return full(_minus_onehot(p, labels)).unsqueeze(0)
     if kind == "mc":
         scale = 1 / math.sqrt(len(draws))
-        return [full(_minus_onehot(p, y) * scale) for y in draws]
-    C = p.shape[-1]  # exact: sum_c p_c g_c^2 = sum_c (sqrt(p_c) g_c)^2
-    return [full(p[..., c:c + 1].sqrt() * _minus_onehot(p, torch.full_like(labels, c))) for c in range(C)]
+        return torch.stack([full(_minus_onehot(p, y) * scale) for y in draws])
+    # exact: sum_c p_c g_c^2 = sum_c (sqrt(p_c) (p - e_c))^2, the C square-root factors of the
+    # softmax Hessian diag(p) - p p^T
+    C = p.shape[-1]
+    eye = torch.eye(C, dtype=p.dtype, device=p.device)
+    return full(p.sqrt().T.unsqueeze(-1) * (p.unsqueeze(0) - eye.unsqueeze(1)))
 
 
 # --------------------------------------------------------------------------------------------
-# The backends
+# The squared batch gradient
 # --------------------------------------------------------------------------------------------
-
-
-def _hooks_batch(eng: HookEngine, inputs: Any, targets: Any, kind: str, task: str, n_samples: int,
-                 gen: torch.Generator) -> None:
-    z = eng.forward(inputs)
-    labels, valid = _labels(z, inputs, targets, task)
-    p = _probs(z, task)
-    draws = _draw(p, n_samples, gen) if kind == "mc" else None
-    for G in _output_grads(z, p, kind, labels, valid, draws):
-        eng.backward(z, G)
-
-
-def _loop_batch(model: nn.Module, chosen: dict[str, nn.Parameter], acc: dict[str, Tensor], inputs: Any,
-                targets: Any, kind: str, task: str, n_samples: int, gen: torch.Generator) -> None:
-    """Reference: one forward and backward pass per example (labels drawn from the batched forward,
-    so a seed gives the same draws as the hooks backend)."""
-    names, plist = list(chosen), list(chosen.values())
-    draws = None
-    if kind == "mc":
-        with torch.no_grad():
-            z = model_logits(model, inputs)
-        _labels(z, inputs, targets, task)
-        draws = _draw(_probs(z, task), n_samples, gen)
-    for n in range(batch_size(inputs)):
-        x_n, t_n = _take(inputs, n), _take(targets, n)
-        z = model_logits(model, x_n)
-        labels, valid = _labels(z, x_n, t_n, task)
-        for G in _output_grads(z, _probs(z, task), kind, labels, valid,
-                               None if draws is None else draws[:, n:n + 1]):
-            grads = torch.autograd.grad(z, plist, G, retain_graph=True, allow_unused=True)
-            for k, g in zip(names, grads):
-                if g is not None:
-                    g = g.to(acc[k].dtype)
-                    acc[k] += g * g
 
 
 def _batch_squared(model: nn.Module, chosen: dict[str, nn.Parameter], acc: dict[str, Tensor], inputs: Any,
-                   targets: Any, task: str, backend: str) -> None:
-    """acc += (grad of the batch-mean loss)^2; the loop backend forms it from per-example gradients."""
+                   targets: Any, task: str, loop: bool, i: int) -> int:
+    """acc += (grad of the batch-mean loss)^2, the mean over the examples with a counted prediction;
+    the loop backend forms it from per-example gradients. Returns that number of examples."""
     names, plist = list(chosen), list(chosen.values())
-    B = batch_size(inputs)
-    if backend == "loop":
+    z = model_logits(model, inputs)
+    _finite(z, i)
+    labels, valid = _labels(z, inputs, targets, task)
+    counted = batch_size(inputs) if valid is None else int(valid.any(1).sum())
+    if counted == 0:
+        return 0
+    (G,) = _output_grads(z, _probs(z, task), "empirical", labels, valid, None)
+    if loop:
         total = {k: torch.zeros_like(a) for k, a in acc.items()}
-        for n in range(B):
-            x_n, t_n = _take(inputs, n), _take(targets, n)
-            z = model_logits(model, x_n)
-            labels, valid = _labels(z, x_n, t_n, task)
-            (G,) = _output_grads(z, _probs(z, task), "empirical", labels, valid, None)
-            for k, g in zip(names, torch.autograd.grad(z, plist, G, allow_unused=True)):
+        for n in range(batch_size(inputs)):
+            if not G[n].any():
+                continue
+            z_n = model_logits(model, _take(inputs, n))
+            for k, g in zip(names, torch.autograd.grad(z_n, plist, G[n:n + 1], allow_unused=True)):
                 if g is not None:
                     total[k] += g.to(total[k].dtype)
-        grads = [total[k] / B for k in names]
+        grads = [total[k] / counted for k in names]
     else:
-        z = model_logits(model, inputs)
-        labels, valid = _labels(z, inputs, targets, task)
-        (G,) = _output_grads(z, _probs(z, task), "empirical", labels, valid, None)
-        grads = torch.autograd.grad(z, plist, G / B, allow_unused=True)
+        grads = torch.autograd.grad(z, plist, G / counted, allow_unused=True)
     for k, g in zip(names, grads):
         if g is not None:
             g = g.to(acc[k].dtype)
             acc[k] += g * g
+    return counted

@@ -23,8 +23,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .checkpoint import Checkpoint, fingerprint, parse_dtype
+from . import validate
 from .atomic import atomic_file
+from .checkpoint import Checkpoint, fingerprint
 from .errors import MergeError
 
 FORMAT = "toolkit-fisher-1"
@@ -47,10 +48,13 @@ def write_fisher(path: str | os.PathLike, fisher: Mapping[str, Tensor], *, estim
     """Save per-example mean Fishers {name: F} with metadata, atomically (temp file + rename)."""
     from safetensors.torch import save_file
 
+    n_examples = validate.number(n_examples, "n_examples", "[1, inf)", integer=True)
+    if dataset_size is not None:
+        dataset_size = validate.number(dataset_size, "dataset_size", "(0, inf)")
     for k, f in fisher.items():
         if not f.is_floating_point() or not torch.isfinite(f).all() or (f < 0).any():
             raise MergeError(f"Fisher for {k!r} must be finite, non-negative floats")
-    meta = {"format": "pt", "toolkit": FORMAT, "estimator": str(estimator), "n_examples": str(int(n_examples))}
+    meta = {"format": "pt", "toolkit": FORMAT, "estimator": str(estimator), "n_examples": str(n_examples)}
     if dataset_size is not None:
         meta["dataset_size"] = repr(float(dataset_size))
     if model_hash:
@@ -87,7 +91,10 @@ def read_texts(path: str | os.PathLike, text_key: str = "text") -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise MergeError(f"data file {path} does not exist")
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    try:
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except UnicodeDecodeError as e:
+        raise MergeError(f"data file {path} is not UTF-8 text (byte {e.start}); give .txt or .jsonl") from None
     if path.suffix != ".jsonl":
         texts = lines
     else:
@@ -159,19 +166,54 @@ def to_checkpoint_names(fisher: Mapping[str, Tensor], ck: Checkpoint) -> dict[st
     return out
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    """The model folder's tokenizer, or a MergeError saying which files it lacks."""
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise MergeError(f"model {model_dir} must be a Hugging Face model folder (weights, config, tokenizer)")
+    if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise MergeError(f"model folder {model_dir} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
+                         "save the tokenizer there with tokenizer.save_pretrained")
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MergeError(f"model folder {model_dir}: its tokenizer files cannot be loaded "
+                         f"({' '.join(str(e).split())[:120]})") from None
+
+
 def estimate_fisher_file(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
                          kind: str = "mc", n_samples: int = 1, max_examples: int | None = None,
                          dataset_size: float | None = None, batch_size: int = 8, max_length: int = 128,
                          seed: int = 0, backend: str = "auto", text_key: str = "text",
-                         dtype: str = "float32", progress: bool = True) -> FisherInfo | None:
+                         dtype: str = "float32", progress: bool = True, per: str = "sequence") -> FisherInfo | None:
     """Estimate the diagonal Fisher of a causal LM checkpoint on a text file and write a Fisher
     file. Runs on every process of an `accelerate launch`; rank 0 writes and returns the info
-    (other ranks return None). dataset_size N_t defaults to the number of texts in the file."""
+    (other ranks return None). per: as toolkit.curvature.fisher ("token": the mean over counted
+    tokens, n_examples counts tokens). dataset_size N_t defaults to the number of texts in the file
+    (per="token": the counted tokens, scaled by texts in the file / texts used)."""
     from accelerate import PartialState
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .curvature import fisher as estimate
 
+    n_samples = validate.number(n_samples, "n_samples", "[1, inf)", integer=True)
+    if max_examples is not None:
+        max_examples = validate.number(max_examples, "max_examples", "[1, inf)", integer=True)
+    if dataset_size is not None:
+        dataset_size = validate.number(dataset_size, "dataset_size", "(0, inf)")
+    batch_size = validate.number(batch_size, "batch_size", "[1, inf)", integer=True)
+    max_length = validate.number(max_length, "max_length", "[2, inf)", integer=True)  # 1 token: nothing to predict
+    seed = validate.number(seed, "seed", integer=True)
+    load_dtype = validate.float_dtype(dtype, "dtype")
+    model_dir, data = validate.path(model_dir, "model"), validate.path(data, "data")
+    out = validate.check_output(out, [model_dir, data], "out")
+    if out.is_dir():
+        raise MergeError(f"out {out} is a folder; name the Fisher file to write, e.g. {out / 'fisher.safetensors'}")
     accel = hasattr(torch, "accelerator") and torch.accelerator.is_available()
     state = PartialState(cpu=not accel)  # CPU processes (torchrun) reduce over gloo
     rank, world = state.process_index, state.num_processes
@@ -183,17 +225,19 @@ def estimate_fisher_file(model_dir: str | os.PathLike, data: str | os.PathLike, 
         raise MergeError(f"process {rank} of {world} has no examples: {len(used)} examples for {world} processes")
     with Checkpoint(model_dir) as ck:
         model_hash = fingerprint(ck)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=parse_dtype(dtype)).to(state.device).eval()
+        tokenizer = load_tokenizer(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=load_dtype).to(state.device).eval()
         batches = lm_batches(tokenizer, mine, batch_size, max_length, state.device)
-        f = estimate(model, batches, kind, n_samples=n_samples, backend=backend, task="causal_lm",
+        f = estimate(model, batches, kind, n_samples=n_samples, backend=backend, task="causal_lm", per=per,
                      seed=seed + 1000003 * rank, progress=progress and state.is_main_process)
-        f, total = reduce_mean(f, len(mine), world)
+        f, total = reduce_mean(f, f.n, world)
+        if per == "token" and dataset_size is None:
+            size = total * len(texts) / len(used)
         f = to_checkpoint_names(f, ck)
     info = None
     if state.is_main_process:
         write_fisher(out, f, estimator=kind, n_examples=total, dataset_size=size, model_hash=model_hash,
-                     metadata={"task": "causal_lm", "n_samples": n_samples, "processes": world,
+                     metadata={"task": "causal_lm", "per": per, "n_samples": n_samples, "processes": world,
                                "data": Path(data).name, "max_length": max_length})
         info = fisher_info(out)
     state.wait_for_everyone()

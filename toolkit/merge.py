@@ -19,12 +19,13 @@ import hashlib
 import inspect
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from . import validate
 from .errors import MergeError
 
 StateDict = Mapping[str, Tensor]
@@ -44,6 +45,7 @@ class Method:
     scale_knob: str | None = None   # the knob that plays alpha's role (alphas fixed at 1), e.g. TIES' lam
     label: str = ""                 # name in tables and figures
     color: str | None = None        # colour in figures (matplotlib colour)
+    ranges: Mapping[str, str] = field(default_factory=dict)  # knob -> "[0, 1) drop probability"
 
     @property
     def uses_fisher(self) -> bool:
@@ -64,9 +66,12 @@ _DISPATCHED = ("fishers", "sizes", "base_fisher")  # handed over by the dispatch
 
 def register(name: str, *, stats: Sequence[str] = (), uses_fisher: bool = False, needs_sizes: bool = False,
              elementwise: bool = False, alpha_cancels: bool = False, scale_knob: str | None = None,
-             label: str | None = None, color: str | None = None) -> Callable:
+             label: str | None = None, color: str | None = None,
+             ranges: Mapping[str, str] | None = None) -> Callable:
     """Decorator: put a per-tensor merge function into the registry under `name`, with what the
-    experiments, the streaming merge and the plots need to know about it (see `Method`)."""
+    experiments, the streaming merge and the plots need to know about it (see `Method`).
+    ranges: allowed interval of a numeric knob and what it is, e.g. {"p": "[0, 1) drop probability"}; every float knob
+    is checked finite, and its default's type (int, bool, str) is enforced."""
     stats = tuple(stats) + (("fishers",) if uses_fisher and "fishers" not in stats else ())
 
     def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -74,9 +79,13 @@ def register(name: str, *, stats: Sequence[str] = (), uses_fisher: bool = False,
         options = tuple(p for p in list(sig)[3:] if p not in _DISPATCHED and p not in stats)
         if scale_knob is not None and scale_knob not in options:
             raise MergeError(f"register({name!r}): scale_knob {scale_knob!r} is not an option of {fn.__name__}")
+        for k, spec in (ranges or {}).items():
+            if k not in options:
+                raise MergeError(f"register({name!r}): ranges name {k!r}, not an option of {fn.__name__}")
+            validate.interval(spec)
         defaults = {p: sig[p].default for p in options if sig[p].default is not inspect.Parameter.empty}
         METHODS[name] = Method(name, fn, options, defaults, stats, needs_sizes, elementwise, alpha_cancels,
-                               scale_knob, label or name.replace("_", " "), color)
+                               scale_knob, label or name.replace("_", " "), color, dict(ranges or {}))
         return fn
 
     return deco
@@ -122,7 +131,8 @@ def _trim(tau: Tensor, density: float) -> Tensor:
     return torch.where(tau.abs() >= thresh, tau, torch.zeros_like(tau))
 
 
-@register("ties", scale_knob="lam", label="TIES", color="#ca9161")
+@register("ties", scale_knob="lam", label="TIES", color="#ca9161",
+          ranges={"density": "(0, 1] fraction of entries kept"})
 def ties(base: Tensor, thetas: list[Tensor], alphas: list[float], density: float = 0.2,
          lam: float = 1.0) -> Tensor:
     """TIES (Yadav et al. 2023): trim each tau_t to its top `density` entries, elect the sign of
@@ -145,7 +155,7 @@ def _tensor_seed(seed: int, name: str, tau: Tensor) -> int:
     return int.from_bytes(h.digest(), "little") & (2**63 - 1)
 
 
-@register("dare", label="DARE", color="#fbafe4")
+@register("dare", label="DARE", color="#fbafe4", ranges={"p": "[0, 1) drop probability"})
 def dare(base: Tensor, thetas: list[Tensor], alphas: list[float], p: float = 0.5, seed: int = 0,
          name: str = "") -> Tensor:
     """DARE (Yu et al. 2024) + task arithmetic: drop each entry of tau_t with probability p,
@@ -164,7 +174,7 @@ def dare(base: Tensor, thetas: list[Tensor], alphas: list[float], p: float = 0.5
 
 
 @register("fisher_average", stats=("fishers",), elementwise=True, alpha_cancels=True,
-          label="Fisher averaging", color="#029e73")
+          label="Fisher averaging", color="#029e73", ranges={"fisher_floor": "[0, inf) lower bound on F_t"})
 def fisher_average(base: Tensor, thetas: list[Tensor], alphas: list[float], fishers: list[Tensor],
                    sizes: list[float], fisher_floor: float = 0.0) -> Tensor:
     """Fisher-weighted averaging: sum_t alpha_t H_t theta_t / sum_t alpha_t H_t, H_t = N_t max(F_t, floor)."""
@@ -179,7 +189,9 @@ def fisher_average(base: Tensor, thetas: list[Tensor], alphas: list[float], fish
 
 
 @register("gradient_matching", stats=("fishers",), needs_sizes=True, elementwise=True,
-          label="gradient matching", color="#cc78bc")
+          label="gradient matching", color="#cc78bc",
+          ranges={"delta": "[0, inf) prior precision", "base_size": "[0, inf) N_0",
+                  "fisher_floor": "[0, inf) lower bound on F_t"})
 def gradient_matching(base: Tensor, thetas: list[Tensor], alphas: list[float], fishers: list[Tensor],
                       sizes: list[float], base_fisher: Tensor | None = None, delta: float = 1e-12,
                       base_size: float = 0.0, fisher_floor: float = 0.0) -> Tensor:
@@ -219,24 +231,17 @@ def gradient_matching(base: Tensor, thetas: list[Tensor], alphas: list[float], f
 
 
 def check_alphas(alphas: Sequence[float] | None, n_models: int) -> list[float]:
-    """Default alpha_t = 1; else one finite number per model."""
+    """Default alpha_t = 1; else a list of one finite number per model."""
     if n_models == 0:
         raise MergeError("no models to merge: the model list is empty")
     if alphas is None:
         return [1.0] * n_models
-    alphas = [float(a) for a in alphas]
-    if len(alphas) != n_models:
-        raise MergeError(f"got {len(alphas)} alphas for {n_models} models; give one alpha per model")
-    if not all(math.isfinite(a) for a in alphas):
-        raise MergeError(f"alphas must be finite numbers, got {alphas}")
-    return alphas
+    return validate.numbers_list(alphas, "alphas", n_models)
 
 
-def check_options(method: Method, options: Mapping[str, object]) -> None:
-    unknown = set(options) - set(method.options)
-    if unknown:
-        raise MergeError(f"method {method.name!r} takes no option(s) {sorted(unknown)}; "
-                         f"it takes {list(method.options) or 'none'}")
+def check_options(method: Method, options: Mapping[str, object]) -> dict[str, Any]:
+    """Known knobs with values of the right type, finite and inside the method's `ranges`."""
+    return validate.knobs(method, options)
 
 
 def check_fisher(f: Tensor, ref: Tensor, what: str) -> None:
@@ -270,17 +275,14 @@ def merge_tensor(method: str | Method, name: str, base: Tensor, thetas: Sequence
     (integer ids, masks) are copied from the base. `stats`: the method's other per-model
     statistics for this tensor (name -> one entry per model, None where a model has none)."""
     m = method if isinstance(method, Method) else get_method(method)
-    check_options(m, options)
+    kw = check_options(m, options)
     alphas = check_alphas(alphas, len(thetas))
     for i, th in enumerate(thetas):
-        if th.shape != base.shape:
-            raise MergeError(f"{name!r}: model {i} has shape {tuple(th.shape)}, the base {tuple(base.shape)}")
-        if th.dtype != base.dtype:
-            raise MergeError(f"{name!r}: model {i} has dtype {th.dtype}, the base {base.dtype}")
+        validate.check_like(name, base, th, f"model {i}")
     if not base.is_floating_point():
         return base.clone()
     cd = compute_dtype(base.dtype)
-    kw = dict(options)
+    _check_fits(name, cd, alphas, kw)
     if "name" in m.options:
         kw.setdefault("name", name)
     if m.uses_fisher:
@@ -304,8 +306,26 @@ def merge_tensor(method: str | Method, name: str, base: Tensor, thetas: Sequence
             raise MergeError(f"method {m.name!r} needs {stat!r} (one per model) for {name!r}; "
                              f"got {'none' if vals is None else len(vals)}")
         kw[stat] = [None if v is None else v.to(cd) for v in vals]
-    out = m.fn(base.to(cd), [th.to(cd) for th in thetas], alphas, **kw)
-    return out.to(base.dtype)
+    out = m.fn(base.to(cd), [th.to(cd) for th in thetas], alphas, **kw).to(base.dtype)
+    check_finite(name, out)
+    return out
+
+
+def _check_fits(name: str, cd: torch.dtype, alphas: list[float], knobs: Mapping[str, Any]) -> None:
+    """Alphas and float knobs representable in the compute dtype (1e39 is inf in float32)."""
+    big = torch.finfo(cd).max
+    for what, v in [*((f"alphas[{i}]", a) for i, a in enumerate(alphas)), *knobs.items()]:
+        if isinstance(v, float) and abs(v) > big:
+            raise MergeError(f"{what} = {v:g} does not fit the {str(cd).removeprefix('torch.')} computation "
+                             f"of {name!r} (largest {big:g})")
+
+
+def check_finite(name: str, t: Tensor) -> None:
+    """A merged tensor must be finite: a NaN or inf is never written silently."""
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        raise MergeError(f"the merged {name!r} has {int((~torch.isfinite(t)).sum())} non-finite values "
+                         f"(NaN or inf) in {str(t.dtype).removeprefix('torch.')}: an alpha or option too large "
+                         "for the dtype, or non-finite inputs; nothing was written")
 
 
 def _check_sizes(m: Method, sizes: Sequence[float] | None, n: int) -> list[float]:
@@ -314,26 +334,12 @@ def _check_sizes(m: Method, sizes: Sequence[float] | None, n: int) -> list[float
             raise MergeError(f"{m.name} needs the data-set sizes N_t (H_t = N_t F_t); pass "
                              "sizes=[...] (use 1.0 each if your Fishers are already summed over data)")
         return [1.0] * n
-    sizes = [float(s) for s in sizes]
-    if len(sizes) != n or not all(math.isfinite(s) and s > 0 for s in sizes):
-        raise MergeError(f"sizes must be {n} positive numbers (one N_t per model), got {sizes}")
-    return sizes
+    return validate.numbers_list(sizes, "sizes", n, "(0, inf)")
 
 
 def check_state_dicts(base: StateDict, models: Sequence[StateDict]) -> None:
-    """Same keys, shapes and dtypes in every model as in the base (checked before any arithmetic)."""
-    if len(models) == 0:
-        raise MergeError("no models to merge: the model list is empty")
-    for i, sd in enumerate(models):
-        missing, extra = set(base) - set(sd), set(sd) - set(base)
-        if missing or extra:
-            raise MergeError(f"model {i} does not match the base: missing keys {sorted(missing)[:5]}, "
-                             f"unexpected keys {sorted(extra)[:5]}")
-        for k, v in base.items():
-            if sd[k].shape != v.shape:
-                raise MergeError(f"{k!r}: model {i} has shape {tuple(sd[k].shape)}, the base {tuple(v.shape)}")
-            if sd[k].dtype != v.dtype:
-                raise MergeError(f"{k!r}: model {i} has dtype {sd[k].dtype}, the base {v.dtype}")
+    """State dicts of tensors with the base's keys, shapes and dtypes (checked before any arithmetic)."""
+    validate.check_same(validate.state_dict(base, "base"), validate.state_dicts(models, "models"))
 
 
 def merge_state_dicts(method: str, base: StateDict, models: Sequence[StateDict],
@@ -351,13 +357,16 @@ def merge_state_dicts(method: str, base: StateDict, models: Sequence[StateDict],
     stats: the method's other statistics, name -> one state dict per model (keys it lacks: None).
     """
     m = get_method(method)
-    check_options(m, options)
-    alphas = check_alphas(alphas, len(models))
+    options = check_options(m, options)
     check_state_dicts(base, models)
+    alphas = check_alphas(alphas, len(models))
     keep = set(keep)
     if m.uses_fisher:
         if fishers is None:
             raise MergeError(f"method {method!r} needs Fishers (one per model); none were given")
+        fishers = validate.state_dicts(fishers, "fishers")
+        if base_fisher is not None:
+            validate.state_dict(base_fisher, "base_fisher")
         if len(fishers) != len(models):
             raise MergeError(f"got {len(fishers)} Fishers for {len(models)} models; give one per model")
         for i, f in enumerate(fishers):
@@ -420,12 +429,26 @@ def merge_models(method: str, base: nn.Module, models: Sequence[nn.Module],
         if type(mdl) is not type(base):
             raise MergeError(f"model {i} is a {type(mdl).__name__}, the base a {type(base).__name__}: "
                              "different architectures cannot be merged")
+    for i, mdl in enumerate(models):
+        if _tied(mdl) != _tied(base):
+            raise MergeError(f"model {i} ties parameters differently from the base (base shares "
+                             f"{sorted(map(sorted, _tied(base)))}, model {i} {sorted(map(sorted, _tied(mdl)))}): "
+                             "the merged values of a shared parameter would overwrite each other; "
+                             "tie or untie them the same way in every model")
     buffers = {n for n, _ in base.named_buffers()}
     merged = merge_state_dicts(method, base.state_dict(), [mdl.state_dict() for mdl in models],
                                alphas, fishers, keep=buffers, **options)
     out = copy.deepcopy(base)
     out.load_state_dict(merged)
     return out
+
+
+def _tied(module: nn.Module) -> set[frozenset[str]]:
+    """Groups of parameter names that share one tensor (e.g. tied embedding and lm_head)."""
+    groups: dict[int, list[str]] = {}
+    for n, p in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(n)
+    return {frozenset(g) for g in groups.values() if len(g) > 1}
 
 
 def methods_table() -> list[tuple[str, bool, str]]:

@@ -27,10 +27,15 @@ Config (YAML; relative paths are relative to the config file):
     dtype: bfloat16                   # output dtype of float tensors; default: as the base
     shard_size: 2GB                   # largest output shard (default 5GB)
     output: merged/news-code          # written to a temp dir next to it, renamed when complete
-    overwrite: false                  # replace an existing output
+    overwrite: false                  # replace an existing output (never an input)
 
 The output is sharded safetensors + model.safetensors.index.json + the base's config,
 tokenizer and generation files: a directory `from_pretrained` loads.
+
+Every value is type-checked before anything is opened (`toolkit.validate`): a string where a
+number or a boolean belongs is an error naming the key, never a coercion. The output may not be,
+contain or lie inside an input; every merged tensor is checked finite before it is written; a
+killed merge's hidden temporary is removed by the next run (`toolkit.atomic`).
 """
 from __future__ import annotations
 
@@ -49,7 +54,9 @@ import yaml
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .checkpoint import Checkpoint, ShardWriter, Spec, atomic_dir, copy_side_files, fingerprint, parse_dtype
+from . import validate
+from .atomic import atomic_dir
+from .checkpoint import Checkpoint, ShardWriter, Spec, copy_side_files, fingerprint, parse_size
 from .errors import MergeError
 from .merge import check_alphas, check_options, compute_dtype, get_method, merge_tensor
 
@@ -86,19 +93,20 @@ def _human(n: float) -> str:
     return f"{n:.2f} TB"
 
 
-def check_same(base: Checkpoint, models: Sequence[Checkpoint]) -> None:
-    """Every model has exactly the base's tensor names, shapes and dtypes."""
-    for i, ck in enumerate(models):
-        missing, extra = base.infos.keys() - ck.infos.keys(), ck.infos.keys() - base.infos.keys()
-        if missing or extra:
-            raise MergeError(f"model {i} ({ck.path}) does not match the base ({base.path}): missing "
-                             f"{sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
-        for k, b in base.infos.items():
-            t = ck.infos[k]
-            if t.shape != b.shape:
-                raise MergeError(f"{k!r}: model {i} ({ck.path}) has shape {t.shape}, the base {b.shape}")
-            if t.dtype != b.dtype:
-                raise MergeError(f"{k!r}: model {i} ({ck.path}) has dtype {t.dtype}, the base {b.dtype}")
+def check_checkpoints(base: Checkpoint, models: Sequence[Checkpoint]) -> None:
+    """Every model has exactly the base's tensor names, shapes and dtypes (`validate.check_same`)."""
+    labels = [f"model {i} ({ck.path})" for i, ck in enumerate(models)]
+    validate.check_same(base.infos, [ck.infos for ck in models], labels)
+
+
+def _meta_size(ck: Checkpoint, what: str) -> float:
+    """A Fisher file's dataset_size metadata, checked: a positive finite number."""
+    raw = ck.metadata["dataset_size"]
+    try:
+        value = float(raw)
+    except ValueError:
+        raise MergeError(f"{what} ({ck.path}): dataset_size metadata {raw!r} is not a number") from None
+    return validate.number(value, f"{what} ({ck.path}) dataset_size", "(0, inf)")
 
 
 def check_fisher_file(fisher: Checkpoint, model: Checkpoint, what: str, check_hash: bool = True) -> None:
@@ -147,13 +155,13 @@ def _open_fishers(m, open_, base_ck: Checkpoint, cks: list[Checkpoint], fishers,
         fks = [open_(p) for p in fishers]
         for i, (fk, ck) in enumerate(zip(fks, cks)):
             check_fisher_file(fk, ck, f"Fisher {i}", check_hash)
-        sizes = [s if s is not None or "dataset_size" not in fk.metadata else float(fk.metadata["dataset_size"])
-                 for s, fk in zip(sizes, fks)]
+        sizes = [s if s is not None or "dataset_size" not in fk.metadata else _meta_size(fk, f"Fisher {i}")
+                 for i, (s, fk) in enumerate(zip(sizes, fks))]
         if base_fisher is not None:
             bfk = open_(base_fisher)
             check_fisher_file(bfk, base_ck, "the base Fisher", check_hash)
             if "base_size" in m.options and "dataset_size" in bfk.metadata:
-                options.setdefault("base_size", float(bfk.metadata["dataset_size"]))
+                options.setdefault("base_size", _meta_size(bfk, "the base Fisher"))
     if all(s is None for s in sizes):
         return fks, bfk, None
     if any(s is None for s in sizes):
@@ -176,21 +184,35 @@ def merge_checkpoints(base: PathLike, models: Sequence[PathLike], output: PathLi
     (default: the base's dtype). Inputs are only read; the output appears atomically.
     threads: worker threads that read and merge chunks in parallel (default: torch's thread count)."""
     t0 = time.perf_counter()
-    m = get_method(method)
-    options = dict(options or {})
-    check_options(m, options)
+    m = get_method(validate.text(method, "method"))
+    options = check_options(m, {} if options is None else options)
+    base, output = validate.path(base, "base"), validate.path(output, "output")
+    if isinstance(models, (str, os.PathLike)) or not isinstance(models, Sequence):
+        raise MergeError(f"models must be a list of checkpoint paths, got {type(models).__name__}")
+    models = [validate.path(p, f"models[{i}]") for i, p in enumerate(models)]
     alphas = check_alphas(alphas, len(models))
-    out_dtype = parse_dtype(dtype)
+    fishers = None if fishers is None else [validate.path(p, f"fishers[{i}]") for i, p in enumerate(fishers)]
+    base_fisher = None if base_fisher is None else validate.path(base_fisher, "base_fisher")
+    if sizes is not None:
+        sizes = [None if s is None else validate.number(s, f"sizes[{i}]", "(0, inf)") for i, s in enumerate(sizes)]
+    out_dtype = validate.float_dtype(dtype)
+    parse_size(shard_size)
+    for flag, value in (("overwrite", overwrite), ("progress", progress), ("check_hash", check_hash)):
+        validate.boolean(value, flag)
+    chunk = validate.number(chunk, "chunk", "[1, inf)", integer=True)
     if not m.uses_fisher and (fishers or base_fisher):
         raise MergeError(f"method {m.name!r} does not use Fishers, but Fisher files were given")
-    workers = threads or torch.get_num_threads()
+    workers = (torch.get_num_threads() if threads is None
+               else validate.number(threads, "threads", "[1, inf)", integer=True))
     with contextlib.ExitStack() as stack:
         stack.callback(torch.set_num_threads, torch.get_num_threads())
         torch.set_num_threads(1)  # parallel over chunks, not inside each small op
         open_ = lambda p: stack.enter_context(Checkpoint(p))  # noqa: E731
         base_ck, cks = open_(base), [open_(p) for p in models]
-        check_same(base_ck, cks)
+        check_checkpoints(base_ck, cks)
         fks, bfk, sizes = _open_fishers(m, open_, base_ck, cks, fishers, sizes, base_fisher, options, check_hash)
+        ins = [base_ck, *cks, *fks, *([bfk] if bfk else [])]
+        validate.check_output(output, [p for ck in ins for p in (ck.path, *{i.file for i in ck.infos.values()})])
         specs = [Spec(k, out_dtype if out_dtype and i.dtype.is_floating_point else i.dtype, i.shape)
                  for k, i in base_ck.infos.items()]
         ctx = _Ctx(m, base_ck, cks, fks, bfk, alphas, sizes, options, out_dtype, _Buffers(chunk))
@@ -296,51 +318,68 @@ class _Ctx:
 
 
 def load_config(config: PathLike | Mapping[str, Any]) -> dict[str, Any]:
-    """Read and check a merge config (YAML file or dict); returns merge_checkpoints' arguments."""
-    root = Path.cwd()
+    """Read and check a merge config (YAML file or dict); returns merge_checkpoints' arguments.
+    Every value is type-checked here, before any file is opened; errors name the key."""
+    root, source = Path.cwd(), None
     if not isinstance(config, Mapping):
-        path = Path(config)
+        path = validate.path(config, "config")
         if not path.is_file():
             raise MergeError(f"config file {path} does not exist")
         try:
             config = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise MergeError(f"config {path} is not valid YAML: {e}") from None
-        root = path.parent
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise MergeError(f"config {path} is not valid YAML: {' '.join(str(e).split())}") from None
+        root, source = path.parent, path
         if not isinstance(config, Mapping):
             raise MergeError(f"config {path} must be a YAML mapping (base:, models:, method:, output:)")
     unknown = set(config) - CONFIG_KEYS
     if unknown:
-        raise MergeError(f"unknown config field(s) {sorted(unknown)}; known: {sorted(CONFIG_KEYS)}")
-    missing = [k for k in ("base", "models", "method", "output") if config.get(k) in (None, "", [])]
+        raise MergeError(f"unknown config field(s) {sorted(map(str, unknown))}; known: {sorted(CONFIG_KEYS)}")
+    missing = [k for k in ("base", "models", "method", "output") if k not in config]
     if missing:
         raise MergeError(f"config is missing the field(s) {missing}")
-    rel = lambda p: None if p is None else str(root / Path(str(p)).expanduser())  # noqa: E731
+    rel = lambda p, key: str(root / validate.path(p, key))  # noqa: E731
     models = config["models"]
-    if not isinstance(models, list):
-        raise MergeError("config field 'models' must be a list of {path:, alpha:} entries")
+    if not isinstance(models, list) or not models:
+        raise MergeError(f"config field 'models' must be a non-empty list of {{path:, alpha:}} entries, "
+                         f"got {type(models).__name__} {str(models)[:40]}")
     paths, alphas, fishers, sizes = [], [], [], []
     for i, e in enumerate(models):
+        key = f"models[{i}]"
         e = {"path": e} if isinstance(e, (str, os.PathLike)) else e
         if not isinstance(e, Mapping) or "path" not in e:
-            raise MergeError(f"models[{i}] must have a 'path' (and optionally alpha, fisher, size)")
+            raise MergeError(f"{key} must have a 'path' (and optionally alpha, fisher, size)")
         if set(e) - MODEL_KEYS:
-            raise MergeError(f"models[{i}] has unknown field(s) {sorted(set(e) - MODEL_KEYS)}; known: {sorted(MODEL_KEYS)}")
-        paths.append(rel(e["path"]))
-        alphas.append(e.get("alpha", 1.0))
-        fishers.append(rel(e.get("fisher")))
-        sizes.append(None if e.get("size") is None else float(e["size"]))
+            raise MergeError(f"{key} has unknown field(s) {sorted(map(str, set(e) - MODEL_KEYS))}; "
+                             f"known: {sorted(MODEL_KEYS)}")
+        paths.append(rel(e["path"], f"{key}.path"))
+        alphas.append(validate.number(e["alpha"], f"{key}.alpha") if "alpha" in e else 1.0)
+        fishers.append(rel(e["fisher"], f"{key}.fisher") if "fisher" in e else None)
+        sizes.append(validate.number(e["size"], f"{key}.size", "(0, inf)") if "size" in e else None)
     if any(f is not None for f in fishers) and any(f is None for f in fishers):
         raise MergeError("give a 'fisher' file for every model or for none")
-    options = dict(config.get("options") or {})
+    m = get_method(validate.text(config["method"], "method"))
+    options = dict(validate.mapping(config.get("options", {}), "options"))
     for key in ("delta", "base_size"):
-        if config.get(key) is not None:
-            options[key] = float(config[key])
-    return dict(base=rel(config["base"]), models=paths, output=rel(config["output"]),
-                method=str(config["method"]), alphas=alphas,
-                fishers=fishers if fishers and fishers[0] is not None else None, sizes=sizes,
-                base_fisher=rel(config.get("base_fisher")), options=options, dtype=config.get("dtype"),
-                shard_size=config.get("shard_size", "5GB"), overwrite=bool(config.get("overwrite", False)))
+        if key in config:
+            if key in options:
+                raise MergeError(f"{key} is given twice, at the top and in options; keep one")
+            options[key] = validate.number(config[key], key)
+    shard_size = config.get("shard_size", "5GB")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, (int, str)):
+        raise MergeError(f"shard_size must be a size such as 2GB or a number of bytes, got {shard_size!r}")
+    try:
+        parse_size(shard_size)
+    except MergeError as e:
+        raise MergeError(f"shard_size: {e}") from None
+    output = rel(config["output"], "output")
+    if source is not None:
+        validate.check_output(output, [source])
+    return dict(base=rel(config["base"], "base"), models=paths, output=output, method=m.name, alphas=alphas,
+                fishers=fishers if fishers[0] is not None else None, sizes=sizes,
+                base_fisher=rel(config["base_fisher"], "base_fisher") if "base_fisher" in config else None,
+                options=validate.knobs(m, options), dtype=validate.float_dtype(config.get("dtype")),
+                shard_size=shard_size, overwrite=validate.boolean(config.get("overwrite", False), "overwrite"))
 
 
 def merge_config(config: PathLike | Mapping[str, Any], **overrides) -> Summary:
