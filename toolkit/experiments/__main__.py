@@ -18,6 +18,7 @@ BENCHMARKS = {
     "text-sources": ("text_sources", "add data sets of one text task to a model trained on the first"),
     "lm-domains": ("lm_domains", "merge a causal LM fine-tuned on several text domains"),
     "lm-remove": ("lm_remove", "remove a text domain from a causal LM (negative alpha)"),
+    "adding": ("adding", "add data sets of one digit task to one ViT by merging (the paper's Figure 1)"),
 }
 
 
@@ -35,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
             from .vision import STUDIES
             p.add_argument("--data-root", default=None, help="folder of torchvision data sets (full scale)")
             p.add_argument("--studies", default=",".join(STUDIES),
-                           help=f"comma-separated subset of {','.join(STUDIES)} (individual models always run)")
+                           help=f"comma-separated subset of {','.join(STUDIES)} (individual models, probes and base + fine-tuned heads always run)")
     return ap
 
 

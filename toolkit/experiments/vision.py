@@ -1,13 +1,16 @@
 """Vision benchmark: merging ViTs fine-tuned on several image tasks (chapter 5).
 
-Pipeline: base ViT (trained on a mix of all source domains, or timm weights at `full`) ->
-fine-tune each task (shared backbone + own head, Gaussian prior H_0 = delta I at theta_0) ->
+Pipeline: base ViT (trained on a mix of images no task owns, with quarter turns and inversions
+so it sees every task's domain; timm weights at `full`) -> each task: a linear probe on the
+frozen base, then fine-tuning (backbone at finetune_lr, head head_lr, cosine schedule; Gaussian
+prior H_0 = delta I at theta_0) ->
 diagonal Fishers (every estimator) -> merge the backbones with every registered method over an
 alpha grid (heads are never merged) -> accuracy on every task -> one tidy table. Also: the
 multi-task model (all tasks at once), sweeps over the Fisher estimator (methods that use Fishers),
 the number of Fisher examples and delta (methods that take it), and the gradient mismatch of
-merges of every size (the paper's Figure 1 analogue). Trained models, Fishers and each evaluated
-merge are cached on disk (`toolkit.cache`).
+merges of every size. Every merge is evaluated on a validation split carved from each task's
+training data and on the test split: knobs are chosen on the first, reported on the second
+(`chosen`). Trained models, Fishers and each evaluated merge are cached (`toolkit.cache`).
 """
 from __future__ import annotations
 
@@ -34,13 +37,17 @@ class VisionSetup(P.Setup):
     """Every number the experiment depends on (the cache keys are hashes of parts of it)."""
     vit: V.ViTConfig
     tasks: tuple[V.Task, ...]
-    n_train: int | None          # cap per task (None: the whole embedded training split)
-    n_test: int | None
+    n_train: int | None          # cap per task (None: all its training examples but validation)
+    n_test: int | None           # None: the whole test split
+    val_fraction: float          # of each task's training examples, held out to choose knobs
     batch_size: int
     pretrain_steps: int
     pretrain_lr: float
+    pretrain_augment: float      # probability of a quarter turn / an inversion per image
+    pretrain_weight_decay: float
     finetune_epochs: float
-    finetune_lr: float
+    finetune_lr: float           # the backbone's
+    head_lr: float               # the heads' (they start from a linear probe on theta_0)
     fisher_kind: str             # the estimator of the main comparison
     fisher_kinds: tuple[str, ...]
     fisher_examples: int | None  # examples per Fisher (None: the whole training set)
@@ -61,13 +68,14 @@ def setup(scale: str | None = None, seed: int = 0, **overrides: Any) -> VisionSe
     p = lambda tiny, small, full: pick(tiny, small, full, scale)  # noqa: E731
     s = VisionSetup(
         scale=scale, seed=seed, vit=V.VIT[scale], tasks=V.tasks_for(scale),
-        n_train=p(192, None, None), n_test=p(96, 300, 2000), batch_size=p(64, 64, 128),
-        pretrain_steps=p(60, 500, 0), pretrain_lr=2e-3,
-        finetune_epochs=p(3, 2, 2), finetune_lr=p(2e-3, 1e-3, 1e-5),
+        n_train=p(192, 1200, None), n_test=p(96, None, None), val_fraction=p(0.2, 0.2, 0.05),
+        batch_size=p(64, 64, 128), pretrain_steps=p(60, 3000, 0), pretrain_lr=2e-3,
+        pretrain_augment=0.3, pretrain_weight_decay=0.05,
+        finetune_epochs=p(3, 5, 2), finetune_lr=p(2e-3, 1e-3, 1e-5), head_lr=p(3e-3, 3e-3, 1e-3),
         delta=p(1.0, 1.0, 1.0), fisher_kind="mc",
         fisher_kinds=("mc", "exact", "empirical", "batch_squared"),
         fisher_examples=p(64, 512, 2048), fisher_example_grid=p((16,), (32, 128), (64, 256, 1024)),
-        alphas=p((0.3, 1.0), (0.1, 0.3, 0.5, 0.7, 1.0), (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)),
+        alphas=p((0.3, 1.0), (0.1, 0.2, 0.3, 0.5, 0.7, 1.0), (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)),
         deltas=p((1e3,), (1e-4, 1e-2, 1e2, 1e4), (1e-4, 1e-2, 1e2, 1e4)),
         mismatch_examples=p(32, 128, 1024), subsets_per_size=p(1, 3, 3),
         device=P.default_device(),
@@ -86,16 +94,18 @@ def _key(obj: Any) -> Any:
 def base_backbone(s: VisionSetup, progress: bool = True) -> tuple[dict[str, Tensor], dict]:
     """theta_0: the backbone trained on the mix of all source domains (or timm's weights)."""
     cfg = {"vit": _key(s.vit), "seed": s.base_seed, "steps": s.pretrain_steps, "lr": s.pretrain_lr,
-           "bs": s.batch_size, "n": s.n_train}
+           "bs": s.batch_size, "augment": s.pretrain_augment, "wd": s.pretrain_weight_decay,
+           "mix": [list(map(str, m)) for m in V.PRETRAIN_SOURCES], "n": pick(192, None, None, s.scale)}
     if s.scale == "full":
         return V.make_backbone(s.vit, pretrained=True).state_dict(), cfg
 
     def compute():
         bb = V.make_backbone(s.vit, seed=s.base_seed)
         head = V.make_head(s.vit, 30, seed=s.base_seed)
-        mix = V.pretrain_data(s.scale, s.n_train, s.data_root)
+        mix = V.pretrain_data(s.scale, pick(192, None, None, s.scale), s.data_root)
         V.fit(bb, [head], [mix], steps=s.pretrain_steps, batch_size=s.batch_size, lr=s.pretrain_lr,
-              seed=s.base_seed, device=s.device, progress=progress, desc="pretrain base")
+              weight_decay=s.pretrain_weight_decay, augment_p=s.pretrain_augment, seed=s.base_seed,
+              device=s.device, progress=progress, desc="pretrain base")
         return {k: v.cpu() for k, v in bb.state_dict().items()}
     return cache.cached("vision-base", cfg, compute), cfg
 
@@ -105,20 +115,22 @@ def _steps(s: VisionSetup, n: int) -> int:
 
 
 def finetune(s: VisionSetup, base: StateDict, base_cfg: dict, task: V.Task, train, progress=True):
-    """theta_t and its head: fine-tune from theta_0 on one task with the prior delta/N_t per example."""
+    """theta_t and its head: a linear probe on theta_0 ("probe_head"), then fine-tuning from there
+    with the prior delta/N_t per example, the backbone at finetune_lr and the head at head_lr."""
     n = len(train)
     cfg = {"base": base_cfg, "task": _key(task), "epochs": s.finetune_epochs, "lr": s.finetune_lr,
-           "delta": s.delta, "n": n, "seed": s.seed}
+           "head_lr": s.head_lr, "delta": s.delta, "n": n, "seed": s.seed, "probe": True}
 
     def compute():
         bb = V.make_backbone(s.vit)
         bb.load_state_dict(base)
-        head = V.make_head(s.vit, task.n_classes, seed=s.seed)
+        head = V.linear_probe(bb, V.make_head(s.vit, task.n_classes, seed=s.seed), train, device=s.device)
+        probe = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
         V.fit(bb, [head], [train], steps=_steps(s, n), batch_size=s.batch_size, lr=s.finetune_lr,
-              seed=s.seed, prior=base, prior_precision=s.delta / n, device=s.device, progress=progress,
-              desc=f"fine-tune {task.name}")
+              head_lr=s.head_lr, seed=s.seed, prior=base, prior_precision=s.delta / n, device=s.device,
+              progress=progress, desc=f"fine-tune {task.name}")
         return {"backbone": {k: v.cpu() for k, v in bb.state_dict().items()},
-                "head": {k: v.cpu() for k, v in head.state_dict().items()}}
+                "head": {k: v.cpu() for k, v in head.state_dict().items()}, "probe_head": probe}
     return cache.cached("vision-finetune", cfg, compute), cfg
 
 
@@ -126,14 +138,15 @@ def multitask(s: VisionSetup, base: StateDict, base_cfg: dict, trains: Sequence,
     """The upper bound: one backbone trained on all tasks at once (round-robin), one head each."""
     n = sum(len(t) for t in trains)
     cfg = {"base": base_cfg, "tasks": _key(s.tasks), "epochs": s.finetune_epochs, "lr": s.finetune_lr,
-           "delta": s.delta, "n": n, "seed": s.seed}
+           "head_lr": s.head_lr, "delta": s.delta, "n": n, "seed": s.seed, "probe": True}
 
     def compute():
         bb = V.make_backbone(s.vit)
         bb.load_state_dict(base)
-        heads = [V.make_head(s.vit, t.n_classes, seed=s.seed) for t in s.tasks]
+        heads = [V.linear_probe(bb, V.make_head(s.vit, t.n_classes, seed=s.seed), tr, device=s.device)
+                 for t, tr in zip(s.tasks, trains)]
         V.fit(bb, heads, trains, steps=sum(_steps(s, len(t)) for t in trains), batch_size=s.batch_size,
-              lr=s.finetune_lr, seed=s.seed, prior=base, prior_precision=s.delta / n, device=s.device,
+              lr=s.finetune_lr, head_lr=s.head_lr, seed=s.seed, prior=base, prior_precision=s.delta / n, device=s.device,
               progress=progress, desc="multi-task")
         return {"backbone": {k: v.cpu() for k, v in bb.state_dict().items()},
                 "heads": [{k: v.cpu() for k, v in h.state_dict().items()} for h in heads]}
@@ -211,15 +224,15 @@ def run(s: VisionSetup | None = None, *, progress: bool = True) -> pd.DataFrame:
 def artifacts(s: VisionSetup, progress: bool = True) -> dict[str, Any]:
     """Data, theta_0, the fine-tuned models and the main Fishers (all from the cache once made):
     what a notebook needs to look inside the merge beyond the results table."""
-    data = [V.task_data(t, s.scale, n_train=s.n_train, n_test=s.n_test, root=s.data_root, seed=s.seed)
-            for t in s.tasks]
-    trains, tests = [d[0] for d in data], [d[1] for d in data]
+    data = [V.task_splits(t, s.scale, n_train=s.n_train, n_test=s.n_test, val_fraction=s.val_fraction,
+                          root=s.data_root, seed=s.seed) for t in s.tasks]
+    trains, vals, tests = ([d[i] for d in data] for i in range(3))
     with V.fast_cpu():
         base, base_cfg = base_backbone(s, progress)
         fts, ft_cfgs = zip(*[finetune(s, base, base_cfg, t, tr, progress) for t, tr in zip(s.tasks, trains)])
         fishers = [task_fisher(s, ft, c, t, tr, s.fisher_kind, s.fisher_examples)
                    for ft, c, t, tr in zip(fts, ft_cfgs, s.tasks, trains)]
-    return {"names": [t.name for t in s.tasks], "trains": trains, "tests": tests,
+    return {"names": [t.name for t in s.tasks], "trains": trains, "vals": vals, "tests": tests,
             "sizes": [float(len(t)) for t in trains], "base": base, "base_cfg": base_cfg,
             "finetuned": list(fts), "ft_cfgs": list(ft_cfgs), "fishers": fishers}
 
@@ -244,26 +257,35 @@ def _run(s: VisionSetup, progress: bool) -> pd.DataFrame:
     trains, tests, sizes, names = A["trains"], A["tests"], A["sizes"], A["names"]
     base, base_cfg, fts, ft_cfgs = A["base"], A["base_cfg"], A["finetuned"], A["ft_cfgs"]
     bbs = [ft["backbone"] for ft in fts]
-    ev = Evaluator(s, [ft["head"] for ft in fts], tests)
-    eval_key = {"ft": list(ft_cfgs), "n_test": s.n_test, "seed": s.seed}  # seed: test subset, Fisher samples
+    ev = {"test": Evaluator(s, [ft["head"] for ft in fts], tests),
+          "val": Evaluator(s, [ft["head"] for ft in fts], A["vals"])}
+    eval_key = {"ft": list(ft_cfgs), "n_test": s.n_test, "val": s.val_fraction, "seed": s.seed}
     rows: list[dict] = []
 
-    def record(study: str, method: str, acc: Mapping[int, float], **extra):
-        for i, a in acc.items():
-            rows.append({"study": study, "method": method, "task": names[i], "accuracy": a, **extra})
+    def record(study: str, method: str, acc: Mapping[int, Sequence[float]], **extra):
+        for i, (a, v) in acc.items():
+            rows.append({"study": study, "method": method, "task": names[i], "accuracy": a,
+                         "val_accuracy": v, **extra})
 
-    def evaluated(what: dict, make) -> dict[int, float]:
-        """Accuracy of a merge, cached by what made it."""
-        res = cache.cached("vision-eval", {**eval_key, **what}, lambda: ev(make(), what.get("which")))
+    def both(make, which=None, heads=None) -> dict[int, list[float]]:
+        sd = make()
+        t, v = (ev[k](sd, which, heads) for k in ("test", "val"))
+        return {i: [t[i], v[i]] for i in t}
+
+    def evaluated(what: dict, make) -> dict[int, list[float]]:
+        """(test, validation) accuracy of a merge per task, cached by what made it."""
+        res = cache.cached("vision-eval", {**eval_key, **what}, lambda: both(make, what.get("which")))
         return {int(k): v for k, v in res.items()}
 
-    individual = {i: cache.cached("vision-eval", {**eval_key, "individual": i}, lambda i=i: ev(bbs[i], [i])[i])
-                  for i in range(len(fts))}
-    record("individual", "individual", individual)
+    individual = {i: evaluated({"individual": i}, lambda i=i: bbs[i])[i] for i in range(len(fts))}
+    record("individual", "individual", dict(individual.items()))
+    record("probe", "probe", cache.cached("vision-eval", {**eval_key, "probe": True}, lambda: both(
+        lambda: base, heads=[ft["probe_head"] for ft in fts])))  # linear probes on theta_0
+    record("base_heads", "base_heads", evaluated({"base_heads": True}, lambda: base))  # fine-tuned heads
     if "multitask" in s.studies:
         mt = multitask(s, base, base_cfg, trains, progress)
         record("multitask", "multitask", cache.cached("vision-eval", {**eval_key, "multitask": True},
-                                                      lambda: ev(mt["backbone"], heads=mt["heads"])))
+                                                      lambda: both(lambda: mt["backbone"], heads=mt["heads"])))
 
     fisher = lambda kind, ex: [task_fisher(s, ft, c, t, tr, kind, ex)  # noqa: E731
                                for ft, c, t, tr in zip(fts, ft_cfgs, s.tasks, trains)]
@@ -283,17 +305,18 @@ def _run(s: VisionSetup, progress: bool) -> pd.DataFrame:
         rows += mismatch_study(s, base, fts, ft_cfgs, trains, A["fishers"], sizes, evaluated, progress)
 
     df = pd.DataFrame(rows)
-    ind = dict(zip(names, [individual[i] for i in range(len(names))]))
-    df["individual"] = df["task"].map(ind)
+    df["individual"] = df["task"].map({names[i]: a for i, (a, _) in individual.items()})
     df["normalised"] = df["accuracy"] / df["individual"]
+    df["val_normalised"] = df["val_accuracy"] / df["task"].map({names[i]: v for i, (_, v) in individual.items()})
     df.insert(0, "seed", s.seed)
     df.insert(0, "scale", s.scale)
     cols = ["scale", "seed", "study", "method", "fisher", "fisher_examples", "alpha", "delta", "n_tasks",
-            "tasks", "task", "accuracy", "individual", "normalised", "mismatch"]
+            "tasks", "task", "accuracy", "individual", "normalised", "val_accuracy", "val_normalised",
+            "mismatch"]
     for c in cols:
         if c not in df:
             df[c] = None
-    for c in ("fisher_examples", "alpha", "delta", "n_tasks", "mismatch"):
+    for c in ("fisher_examples", "alpha", "delta", "n_tasks", "mismatch", "val_accuracy", "val_normalised"):
         df[c] = pd.to_numeric(df[c]).astype(float)
     return df[cols]
 
@@ -335,7 +358,7 @@ def mismatch_study(s: VisionSetup, base, fts, ft_cfgs, trains, fishers, sizes, e
                          "fisher": s.fisher_kind if uses_f else None,
                          "fisher_examples": s.fisher_examples if uses_f else None,
                          "n_tasks": len(sub), "tasks": "+".join(names[j] for j in sub), "task": names[i],
-                         "accuracy": acc[i], "mismatch": norm})
+                         "accuracy": acc[i][0], "val_accuracy": acc[i][1], "mismatch": norm})
     return rows
 
 
@@ -353,6 +376,69 @@ def by_alpha(df: pd.DataFrame, study: str = "merge") -> pd.DataFrame:
     out = out.replace({"fisher": {"-": None}, "fisher_examples": {-1: None}, "delta": {-1: None},
                        "alpha": {-1.0: None}})
     return out
+
+
+def chosen(df: pd.DataFrame, study: str = "merge") -> pd.DataFrame:
+    """Per seed and method: the alpha with the best mean normalised VALIDATION accuracy, and the
+    test accuracy there ("accuracy", "normalised"); the oracle (best test alpha) beside it."""
+    out = []
+    for seed, d in df.groupby("seed", sort=False):
+        a = d[d["study"] == study].fillna({"alpha": -1.0}).groupby(["method", "alpha"], sort=False)[
+            ["accuracy", "normalised", "val_normalised"]].mean().reset_index()
+        by = a.groupby("method", sort=False)
+        pick_ = a.loc[by["val_normalised"].idxmax()].set_index("method")
+        pick_["oracle_normalised"] = by["normalised"].max()
+        pick_["seed"] = seed
+        out.append(pick_.reset_index())
+    res = pd.concat(out, ignore_index=True)
+    res["alpha"] = res["alpha"].where(res["alpha"] >= 0)
+    return res[["seed", "method", "alpha", "accuracy", "normalised", "val_normalised", "oracle_normalised"]]
+
+
+def references(df: pd.DataFrame) -> pd.DataFrame:
+    """Per seed and reference model (individual, multitask, probe, base_heads): mean accuracy and
+    mean normalised accuracy over tasks."""
+    d = df[df["study"].isin(["individual", "multitask", "probe", "base_heads"])]
+    return d.groupby(["seed", "method"], sort=False)[["accuracy", "normalised"]].mean().reset_index()
+
+
+def seed_table(df: pd.DataFrame, study: str = "merge") -> pd.DataFrame:
+    """Mean and standard deviation over seeds: the references and every method at its
+    validation-chosen alpha (test accuracy, normalised), with the oracle column beside it."""
+    rows = pd.concat([references(df), chosen(df, study)], ignore_index=True)
+    g = rows.groupby("method", sort=False)
+    out = g[["accuracy", "normalised", "oracle_normalised"]].agg(["mean", "std"])
+    out.columns = [f"{a}_{b}" for a, b in out.columns]
+    out["alphas"] = g["alpha"].apply(lambda a: ",".join("-" if pd.isna(x) else f"{x:g}" for x in a))
+    out["seeds"] = g["seed"].nunique()
+    return out
+
+
+def alpha_curves(df: pd.DataFrame, study: str = "merge") -> pd.DataFrame:
+    """Per method and alpha: mean and standard deviation over seeds of the mean (over tasks)
+    normalised test accuracy, and of the validation one."""
+    d = df[df["study"] == study].fillna({"alpha": -1.0})
+    per_seed = d.groupby(["method", "alpha", "seed"], sort=False)[["normalised", "val_normalised"]].mean()
+    out = per_seed.groupby(["method", "alpha"], sort=False).agg(["mean", "std"])
+    out.columns = [f"{a}_{b}" for a, b in out.columns]
+    out = out.reset_index()
+    out["alpha"] = out["alpha"].where(out["alpha"] >= 0)
+    return out
+
+
+def compare(a: float, a_std: float, b: float, b_std: float) -> str:
+    """'higher' / 'lower' when mean a differs from mean b by more than the sum of their seed
+    standard deviations, else 'a tie': the rule every claim of the chapters rests on."""
+    if abs(a - b) <= (a_std or 0.0) + (b_std or 0.0):
+        return "a tie"
+    return "higher" if a > b else "lower"
+
+
+def run_seeds(seeds: Sequence[int], scale: str | None = None, progress: bool = False,
+              **overrides: Any) -> pd.DataFrame:
+    """`run` for every seed (one pretrained theta_0, seeds vary heads, fine-tuning and Fishers)."""
+    return pd.concat([run(setup(scale, seed, **overrides), progress=progress) for seed in seeds],
+                     ignore_index=True)
 
 
 def summary(df: pd.DataFrame, study: str = "merge") -> pd.DataFrame:

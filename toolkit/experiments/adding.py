@@ -1,0 +1,215 @@
+"""The paper's own setting (its Figure 1) in vision: adding data sets to ONE model.
+
+One 10-class digit task with one shared head, fed by sources of very different size (upright
+MNIST, the 8x8 digits upsampled, rotated MNIST, inverted MNIST, inverted digits). theta_0 is
+the pretrained ViT fitted to the first source; every added source t is fine-tuned from theta_0
+on its own data with the prior (delta / 2) ||theta - theta_0||^2 on the summed loss; the merges
+of the first k added models are compared with the target, the model trained from theta_0 on the
+first k + 1 sources at once (same prior, same passes over every example):
+
+    python -m toolkit.experiments adding --scale small --seed 0 --out results/adding.csv
+
+For every merge: test accuracy, ||theta - theta_{0:k}|| (distance to the all-data parameters) and
+||m(theta)||, m(theta) = sum_{t=0..k} [grad lbar_t(theta) - grad lbar_t(theta_t)] (toolkit.mismatch;
+at the all-data model it equals H_0 (theta_TA - theta_{0:k}), so it is not zero there either).
+Knobs (alpha) are chosen on validation examples carved from the sources' training data;
+accuracies are reported on the test split.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+from torch import Tensor, nn
+from torch.utils.data import ConcatDataset, Dataset, Subset
+
+from .. import cache, vision as V
+from ..errors import MergeError
+from ..mismatch import gradient_mismatch, total_norm
+from ..scale import pick
+from . import pipeline as P
+from . import vision as VB
+
+StateDict = Mapping[str, Tensor]
+
+# the first source is theta_0's data; the others are added, largest first (N_t span ~30x)
+SOURCES = (
+    (V.Task("mnist", "mnist", pool=(3, 4, 5), pools=8), None),
+    (V.Task("digits", "digits", "upsample", pool=(1, 2), pools=4), None),
+    (V.Task("rot_mnist", "mnist", "rot90", pool=(6,), pools=8), 320),
+    (V.Task("inv_mnist", "mnist", "invert", pool=(7,), pools=8), 120),
+    (V.Task("inv_digits", "digits", "upsample_invert", pool=(3,), pools=4), 40),
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AddingSetup(P.Setup):
+    """Every number the data-adding experiment depends on (cache keys hash parts of it);
+    delta is the prior of every fine-tune and target, H_0 = delta I (+ N_0 F_0 where a method takes it)."""
+    suite: VB.VisionSetup        # the multi-task setup whose pretrained backbone starts everything
+    sources: tuple[tuple[V.Task, int | None], ...]  # (source, cap on its training examples)
+    epochs: float                # passes over each example, for fine-tunes and targets alike
+    lr: float
+    fisher_examples: int
+    mismatch_examples: int
+
+
+def setup(scale: str | None = None, seed: int = 0, **overrides: Any) -> AddingSetup:
+    """The data-adding experiment at a scale (tiny: seconds; small: a minute per seed on 2 cores)."""
+    scale = P.check_scale(scale)
+    if scale == "full":
+        raise MergeError("the data-adding experiment runs at tiny and small scale only")
+    p = lambda tiny, small: pick(tiny, small, None, scale)  # noqa: E731
+    sources = SOURCES if scale == "small" else tuple((t, 48 if n is None else max(16, n // 8))
+                                                     for t, n in SOURCES[:3])
+    s = AddingSetup(scale=scale, seed=seed, suite=VB.setup(scale, seed=0), sources=sources,
+                    epochs=p(2, 3), lr=p(1e-3, 3e-4), delta=1.0, fisher_examples=p(32, 256),
+                    mismatch_examples=p(32, 256), alphas=p((0.5, 1.0), (0.25, 0.5, 0.75, 1.0, 1.5)),
+                    device=P.default_device())
+    return replace(s, **overrides)
+
+
+def _steps(s: AddingSetup, n: int) -> int:
+    return max(1, math.ceil(s.epochs * n / s.suite.batch_size))
+
+
+def _model(s: AddingSetup, sd: StateDict) -> V.TaskModel:
+    m = V.TaskModel(V.make_backbone(s.suite.vit), V.make_head(s.suite.vit, 10))
+    m.load_state_dict(sd)
+    return m.eval()
+
+
+def _train(s: AddingSetup, start: StateDict, data: Dataset, tag: str, cfg: dict) -> dict[str, Tensor]:
+    """The whole model (backbone and the shared head) trained from `start` on `data` with the
+    prior delta / (2 N) ||theta - theta_0||^2 per example, cached by `cfg`."""
+    def compute():
+        m = _model(s, start)
+        prior = {k: v.clone() for k, v in start.items()}
+        V.fit(m, [nn.Identity()], [data], steps=_steps(s, len(data)), batch_size=s.suite.batch_size,
+              lr=s.lr, seed=s.seed, prior=prior, prior_precision=s.delta / len(data),
+              device=s.suite.device, progress=False, desc=tag)
+        return {k: v.cpu() for k, v in m.state_dict().items()}
+    return cache.cached("adding-model", cfg, compute)
+
+
+def artifacts(s: AddingSetup) -> dict[str, Any]:
+    """Data, theta_0, the fine-tuned models, their Fishers and the all-data targets (cached)."""
+    from ..curvature import fisher
+    splits = [V.task_splits(t, s.scale, n_train=n, seed=s.seed) for t, n in s.sources]
+    trains, vals, tests = ([sp[i] for sp in splits] for i in range(3))
+    backbone, bcfg = VB.base_backbone(s.suite, progress=False)
+    key = {"base": bcfg, "sources": V.config_dict([t for t, _ in s.sources]),
+           "n": [len(t) for t in trains], "epochs": s.epochs, "lr": s.lr, "delta": s.delta}
+
+    def theta0():  # the pretrained backbone fitted to the first source: probe, then fine-tune
+        bb = V.make_backbone(s.suite.vit)
+        bb.load_state_dict(backbone)
+        head = V.linear_probe(bb, V.make_head(s.suite.vit, 10), trains[0], device=s.suite.device)
+        V.fit(bb, [head], [trains[0]], steps=_steps(s, len(trains[0])), batch_size=s.suite.batch_size,
+              lr=s.lr, head_lr=10 * s.lr, seed=0, device=s.suite.device, progress=False)
+        return {k: v.cpu() for k, v in V.TaskModel(bb, head).state_dict().items()}
+    with V.fast_cpu():
+        base = cache.cached("adding-base", key, theta0)
+        models = [base] + [_train(s, base, tr, f"add {t.name}", {**key, "source": i, "seed": s.seed})
+                           for i, ((t, _), tr) in enumerate(zip(s.sources, trains)) if i > 0]
+        targets = {k: _train(s, base, ConcatDataset(trains[:k + 1]), f"all-data {k}",
+                             {**key, "target": k, "seed": s.seed}) for k in range(1, len(trains))}
+
+        def fisher_of(i):
+            loader = V.loader(trains[i], s.suite.batch_size)
+            return fisher(_model(s, models[i]), loader, "mc", seed=s.seed, progress=False,
+                          max_examples=s.fisher_examples)
+        fishers = [cache.cached("adding-fisher", {**key, "source": i, "seed": s.seed,
+                                                  "examples": s.fisher_examples}, lambda i=i: fisher_of(i))
+                   for i in range(len(trains))]
+    return {"names": [t.name for t, _ in s.sources], "trains": trains, "vals": vals, "tests": tests,
+            "sizes": [float(len(t)) for t in trains], "base": base, "models": models,
+            "fishers": fishers, "targets": targets}
+
+
+def merge(s: AddingSetup, A: Mapping[str, Any], m: P.Method, k: int, alpha: float) -> dict[str, Tensor]:
+    """theta_0 merged with the first k added models. A method in which a common alpha cancels
+    (an average of models) averages theta_0 in as one more model, with N_0 and F_0; the others
+    add the k task vectors to theta_0 and get H_0 = delta + N_0 F_0 where they take it."""
+    fis, ns = A["fishers"][:k + 1], A["sizes"][:k + 1]
+    if m.alpha_cancels:
+        return P.merge(s, m, A["base"], A["models"][:k + 1], alpha, fishers=fis, sizes=ns)
+    return P.merge(s, m, A["base"], A["models"][1:k + 1], alpha, fishers=fis[1:], sizes=ns[1:],
+                   base_fisher=fis[0], base_size=ns[0])
+
+
+def _accuracy(s: AddingSetup, sd: StateDict, data: Sequence[Dataset]) -> float:
+    return V.accuracy(_model(s, sd), ConcatDataset(list(data)), device=s.suite.device)
+
+
+def _gradient(s: AddingSetup, sd: StateDict, data: Dataset) -> dict[str, Tensor]:
+    """grad of the SUMMED loss lbar over `data`, from its first mismatch_examples examples x N / n."""
+    from ..train import loss_gradient
+    n = min(len(data), s.mismatch_examples)
+    g = loss_gradient(_model(s, sd), V.loader(Subset(data, range(n)), s.suite.batch_size))
+    return {k: v * (len(data) / n) for k, v in g.items()}
+
+
+def distance(a: StateDict, b: StateDict) -> float:
+    """||a - b||_2 over all tensors."""
+    return total_norm({k: a[k].double() - b[k].double() for k in a})
+
+
+def run(s: AddingSetup | None = None, progress: bool = False) -> pd.DataFrame:
+    """One row per (added sets k, method): the validation-chosen alpha, test accuracy, accuracy
+    of the all-data target, distance to it and gradient mismatch; plus rows for the target."""
+    s = s or setup()
+    with V.fast_cpu():
+        A = artifacts(s)
+        at_own = [_gradient(s, m, tr) for m, tr in zip(A["models"], A["trains"])]
+        rows = []
+        for k in range(1, len(A["trains"])):
+            target, trains = A["targets"][k], A["trains"][:k + 1]
+            for method in P.methods():
+                grid = method.grid(s.alphas)
+                val = {a: _accuracy(s, merge(s, A, method, k, a), A["vals"][:k + 1]) for a in grid}
+                alpha = max(grid, key=lambda a: (val[a], -abs(a - 1.0)))  # ties: nearest the target's 1
+                merged = merge(s, A, method, k, alpha)
+                m = gradient_mismatch([_gradient(s, merged, tr) for tr in trains], at_own[:k + 1])
+                rows.append({"k": k, "method": method.name, "alpha": P.row_alpha(method, alpha), "val_accuracy": val[alpha],
+                             "accuracy": _accuracy(s, merged, A["tests"][:k + 1]),
+                             "distance": distance(merged, target), "mismatch": total_norm(m)})
+            m = gradient_mismatch([_gradient(s, target, tr) for tr in trains], at_own[:k + 1])
+            rows.append({"k": k, "method": "all_data", "alpha": None,
+                         "val_accuracy": _accuracy(s, target, A["vals"][:k + 1]),
+                         "accuracy": _accuracy(s, target, A["tests"][:k + 1]), "distance": 0.0,
+                         "mismatch": total_norm(m)})
+    df = pd.DataFrame(rows)
+    df.insert(0, "seed", s.seed)
+    df["added"] = ["+".join(A["names"][1:r + 1]) for r in df["k"]]
+    df["error"] = 1.0 - df["accuracy"]
+    df["alpha"] = pd.to_numeric(df["alpha"]).astype(float)
+    return df
+
+
+def run_seeds(seeds: Sequence[int], scale: str | None = None, progress: bool = False,
+              **overrides: Any) -> pd.DataFrame:
+    """`run` for every seed, one table (the seed column tells them apart)."""
+    return pd.concat([run(setup(scale, seed, **overrides), progress) for seed in seeds], ignore_index=True)
+
+
+def points(df: pd.DataFrame) -> pd.DataFrame:
+    """Per method and number of added sets k: mean and standard deviation over seeds of test
+    error, distance to the all-data model and mismatch (the markers of the paper's Figure 1)."""
+    out = df.groupby(["method", "k"], sort=False)[["error", "distance", "mismatch"]].agg(["mean", "std"])
+    out.columns = [f"{a}_{b}" for a, b in out.columns]
+    return out.reset_index()
+
+
+def summary(df: pd.DataFrame, k: int | None = None) -> pd.DataFrame:
+    """Per method at k added sets (default: all): mean and standard deviation over seeds of test
+    accuracy, distance to the all-data model and mismatch, and the alphas chosen."""
+    k = int(df["k"].max()) if k is None else k
+    d = df[df["k"] == k]
+    g = d.groupby("method", sort=False)
+    out = g[["accuracy", "distance", "mismatch"]].agg(["mean", "std"])
+    out.columns = [f"{a}_{b}" for a, b in out.columns]
+    out["alphas"] = g["alpha"].apply(lambda a: ",".join("-" if math.isnan(x) else f"{x:g}" for x in a))
+    return out.sort_values("accuracy_mean", ascending=False)
