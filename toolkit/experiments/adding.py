@@ -161,8 +161,19 @@ def run(s: AddingSetup | None = None, progress: bool = False) -> pd.DataFrame:
     """One row per (added sets k, method): the validation-chosen alpha, test accuracy, accuracy
     of the all-data target, distance to it and gradient mismatch; plus rows for the target."""
     s = s or setup()
+    A = artifacts(s)
+    key = {"setup": V.config_dict(s), "methods": {m.name: m.defaults for m in P.methods()}}
+    rows = cache.cached("adding-table", key, lambda: _rows(s, A))  # mismatch and evaluations: minutes
+    df = pd.DataFrame(rows)
+    df.insert(0, "seed", s.seed)
+    df["added"] = ["+".join(A["names"][1:r + 1]) for r in df["k"]]
+    df["error"] = 1.0 - df["accuracy"]
+    df["alpha"] = pd.to_numeric(df["alpha"]).astype(float)
+    return df
+
+
+def _rows(s: AddingSetup, A: Mapping[str, Any]) -> list[dict]:
     with V.fast_cpu():
-        A = artifacts(s)
         at_own = [_gradient(s, m, tr) for m, tr in zip(A["models"], A["trains"])]
         rows = []
         for k in range(1, len(A["trains"])):
@@ -181,12 +192,7 @@ def run(s: AddingSetup | None = None, progress: bool = False) -> pd.DataFrame:
                          "val_accuracy": _accuracy(s, target, A["vals"][:k + 1]),
                          "accuracy": _accuracy(s, target, A["tests"][:k + 1]), "distance": 0.0,
                          "mismatch": total_norm(m)})
-    df = pd.DataFrame(rows)
-    df.insert(0, "seed", s.seed)
-    df["added"] = ["+".join(A["names"][1:r + 1]) for r in df["k"]]
-    df["error"] = 1.0 - df["accuracy"]
-    df["alpha"] = pd.to_numeric(df["alpha"]).astype(float)
-    return df
+    return rows
 
 
 def run_seeds(seeds: Sequence[int], scale: str | None = None, progress: bool = False,
