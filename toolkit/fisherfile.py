@@ -46,23 +46,31 @@ def write_fisher(path: str | os.PathLike, fisher: Mapping[str, Tensor], *, estim
                  dataset_size: float | None = None, model_hash: str | None = None,
                  metadata: Mapping[str, Any] | None = None) -> Path:
     """Save per-example mean Fishers {name: F} with metadata, atomically (temp file + rename)."""
-    from safetensors.torch import save_file
-
     n_examples = validate.number(n_examples, "n_examples", "[1, inf)", integer=True)
     if dataset_size is not None:
         dataset_size = validate.number(dataset_size, "dataset_size", "(0, inf)")
     for k, f in fisher.items():
         if not f.is_floating_point() or not torch.isfinite(f).all() or (f < 0).any():
             raise MergeError(f"Fisher for {k!r} must be finite, non-negative floats")
-    meta = {"format": "pt", "toolkit": FORMAT, "estimator": str(estimator), "n_examples": str(n_examples)}
+    meta = {"estimator": str(estimator), "n_examples": str(n_examples)}
     if dataset_size is not None:
         meta["dataset_size"] = repr(float(dataset_size))
+    return save_statistic(path, fisher, meta, model_hash=model_hash, metadata=metadata)
+
+
+def save_statistic(path: str | os.PathLike, tensors: Mapping[str, Tensor], meta: Mapping[str, str], *,
+                   model_hash: str | None = None, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Save per-model statistics (Fishers, Grams) as safetensors with metadata ("toolkit": the
+    file format, this module's unless `meta` names another), atomically (temp file + rename)."""
+    from safetensors.torch import save_file
+
+    meta = {"format": "pt", "toolkit": FORMAT, **meta}
     if model_hash:
         meta["model_hash"] = model_hash
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     path = Path(path)
     with atomic_file(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in fisher.items()}, str(tmp), metadata=meta)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     return path
 
 

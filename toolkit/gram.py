@@ -21,7 +21,6 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .atomic import atomic_file
 from .batch import batch_size
 from .errors import MergeError
 
@@ -101,19 +100,13 @@ def grams(model: nn.Module, batches: Iterable[Any], *, params: Callable[[str], b
 def write_grams(path: str | os.PathLike, gram: Mapping[str, Tensor], *, n_examples: int,
                 model_hash: str | None = None, metadata: Mapping[str, Any] | None = None) -> Path:
     """Save mean Grams {weight name: G} with metadata, atomically (temp file + rename)."""
-    from safetensors.torch import save_file
+    from .fisherfile import save_statistic
 
     for k, g in gram.items():
         if g.dim() != 2 or g.shape[0] != g.shape[1] or not g.is_floating_point() or not torch.isfinite(g).all():
             raise MergeError(f"Gram for {k!r} must be a finite square float matrix, got {tuple(g.shape)}")
-    meta = {"format": "pt", "toolkit": FORMAT, "statistic": "gram", "n_examples": str(int(n_examples))}
-    if model_hash:
-        meta["model_hash"] = model_hash
-    meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    path = Path(path)
-    with atomic_file(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in gram.items()}, str(tmp), metadata=meta)
-    return path
+    meta = {"toolkit": FORMAT, "statistic": "gram", "n_examples": str(int(n_examples))}
+    return save_statistic(path, gram, meta, model_hash=model_hash, metadata=metadata)
 
 
 def read_grams(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
