@@ -706,6 +706,31 @@ def test_per_token_fisher_equals_brute_force():
     assert_close(mc[0], mc[1], 1e-10)
 
 
+def test_per_token_fisher_with_drawn_tokens_is_unbiased():
+    """tokens_per_sequence draws tokens at random: all of them gives the full per-token Fisher
+    exactly; fewer give an estimate whose mean over draws is the full one (every sequence has
+    equally many counted tokens here, so each token is drawn with the same probability)."""
+    model = llama()
+    ids = torch.randint(1, 32, (3, 6), generator=torch.Generator().manual_seed(4))
+    data_ = [({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None)]
+    full = fisher(model, data_, "empirical", task="causal_lm", per="token", progress=False)
+    assert_close(fisher(model, data_, "empirical", task="causal_lm", per="token", progress=False,
+                        tokens_per_sequence=5), full, 1e-12)
+    draws = [fisher(model, data_, "empirical", task="causal_lm", per="token", progress=False,
+                    tokens_per_sequence=2, seed=s) for s in range(300)]
+    assert all(d.n == full.n == 15 for d in draws)  # N_t counts every token, drawn or not
+    assert not torch.allclose(draws[0]["model.norm.weight"], full["model.norm.weight"])
+    mean = {k: sum(d[k] for d in draws) / len(draws) for k in full}
+    for k in ("model.norm.weight", "model.layers.1.mlp.down_proj.weight"):
+        err = float((mean[k] - full[k]).norm() / full[k].norm())
+        assert err < 0.1, (k, err)
+    with pytest.raises(MergeError, match="tokens_per_sequence"):
+        fisher(model, data_, "empirical", task="causal_lm", tokens_per_sequence=2, progress=False)
+    with pytest.raises(MergeError, match="tokens_per_sequence"):
+        fisher(model, data_, "empirical", task="causal_lm", per="token", tokens_per_sequence=0,
+               progress=False)
+
+
 def test_examples_without_a_counted_token_do_not_count():
     model = llama()
     inp = lm_batch()

@@ -130,6 +130,18 @@ def test_paired_verdicts():
     assert P.paired(a[:1], b[:1])["verdict"] == "one seed: no verdict"
 
 
+def test_by_seed_and_compare_say_the_paired_verdict():
+    df = pd.DataFrame({"seed": [0, 0, 1, 1, 0, 1], "task": ["x", "y"] * 3,
+                       "method": ["a"] * 4 + ["b"] * 2, "acc": [0.9, 0.7, 0.8, 0.8, 0.7, 0.75]})
+    seeds = P.by_seed(df, "acc")
+    assert seeds.loc[0, "a"] == pytest.approx(0.8) and seeds.loc[1, "b"] == pytest.approx(0.75)
+    assert P.compare(seeds, "a", "b", higher="beats") == "beats"
+    assert P.compare(seeds, "b", "a", lower="trails") == "trails"
+    assert P.compare(seeds.iloc[:1], "a", "b") == "one seed: no verdict"
+    seeds.loc[1, "b"] = 0.85
+    assert P.compare(seeds, "a", "b", tie="ties with") == "ties with"
+
+
 def test_text_add_tiny_table(tiny_cache):
     s = text_add.setup("tiny")
     df = text_add.run(s, progress=False)

@@ -41,7 +41,8 @@ class FisherDiag(dict):
 def fisher(model: nn.Module, batches: Iterable[tuple[Any, Any]], kind: str = "mc", *,
            n_samples: int = 1, backend: str = "auto", task: str = "classification", per: str = "sequence",
            params: Callable[[str], bool] | Sequence[str] | None = None, seed: int = 0,
-           progress: bool = True, max_examples: int | None = None) -> FisherDiag:
+           progress: bool = True, max_examples: int | None = None,
+           tokens_per_sequence: int | None = None) -> FisherDiag:
     """Diagonal Fisher of `model` on `batches`, the MEAN over examples (multiply by N for H_t).
 
     kind: "exact" (classification only), "mc" (n_samples labels drawn from the model per example,
@@ -52,8 +53,12 @@ def fisher(model: nn.Module, batches: Iterable[tuple[Any, Any]], kind: str = "mc
     optional attention_mask, logits [B, L, V], next-token targets; targets None, or HF-style labels
     [B, L] with -100 ignored). per (causal_lm): "sequence" (default; one example = one sequence,
     F = 1/N sum_n (sum_t g_nt)^2 over the N sequences with a counted token) or "token" (every counted
-    next-token prediction is an example, F = 1/T sum_nt g_nt^2 over the T counted tokens; about
-    L times the cost). The result's `.n` is N or T: use it as N_t.
+    next-token prediction is an example, F = 1/T sum_nt g_nt^2 over the T counted tokens; one
+    batched backward pass per token position, so about L times the cost). tokens_per_sequence
+    (per="token"): average over at most this many counted tokens per sequence, drawn at random
+    (seeded), instead of all of them: an unbiased estimate of the same mean at a fraction of the
+    cost (each backward pass takes one drawn token of every sequence). The result's `.n` is N or T
+    (all counted tokens, drawn or not): use it as N_t.
     backend: a name in toolkit.backends.BACKENDS: "hooks"/"auto" (per-example squares inside
     batched backward passes; the exact Fisher's C output gradients in one batched pass), "loop"
     (reference), "vmap", "backpack" (optional package).
@@ -73,14 +78,14 @@ def fisher(model: nn.Module, batches: Iterable[tuple[Any, Any]], kind: str = "mc
     Everything else, and whatever fails the check (one warning naming it), gets a per-example loop
     of backward passes; parameters the logits do not depend on are skipped (zeros).
     """
-    _check_options(kind, task, per, n_samples, max_examples)
+    _check_options(kind, task, per, n_samples, max_examples, tokens_per_sequence)
     Backend = get_backend(backend)
     chosen, aliases = select_params(model, params)
     acc = {k: torch.zeros_like(p, dtype=_acc_dtype(p)) for k, p in chosen.items()}
     gen = torch.Generator().manual_seed(seed)
     modes = {m: m.training for m in model.modules()}
     model.eval()
-    rows = examples = tokens = n_batches = 0
+    rows = examples = tokens = drawn = n_batches = 0
     total = len(batches) if hasattr(batches, "__len__") else None
     try:
         with torch.enable_grad(), Backend(model, chosen, acc) as be:
@@ -112,12 +117,18 @@ def fisher(model: nn.Module, batches: Iterable[tuple[Any, Any]], kind: str = "mc
                 p = _probs(z, task)
                 draws = _draw(p, n_samples, gen) if kind == "mc" else None
                 Gs = _output_grads(z, p, kind, labels, valid, draws)
-                for chunk in (_per_token(Gs, valid) if per == "token" else [Gs]):
-                    be.backward(inputs, z, chunk)
+                if per == "token":
+                    slots = _token_slots(valid, tokens_per_sequence, gen)
+                    drawn += sum(len(s) for s in slots)
+                    for chunk in _per_token(Gs, slots):
+                        be.backward(inputs, z, chunk)
+                else:
+                    be.backward(inputs, z, Gs)
     finally:
         for m, mode in modes.items():
             m.train(mode)
     n = n_batches if kind == "batch_squared" else tokens if per == "token" else examples
+    mean_over = drawn if per == "token" else n
     if n == 0:
         raise MergeError("fisher: no examples: the batches were empty" + (
             " or had no counted token (all padding or -100 labels, or length 1)" if task == "causal_lm" else ""))
@@ -125,7 +136,7 @@ def fisher(model: nn.Module, batches: Iterable[tuple[Any, Any]], kind: str = "mc
     for k, v in acc.items():
         if not torch.isfinite(v).all():
             raise MergeError(f"fisher: the Fisher of {k!r} is not finite (overflow in the squared gradients)")
-        v = v / n
+        v = v / mean_over
         for j, a in enumerate(aliases[k]):
             out[a] = v if j == 0 else v.clone()
     out.n, out.n_examples, out.n_tokens = n, examples, tokens if task == "causal_lm" else None
@@ -138,16 +149,32 @@ def _finite(z: Tensor, i: int) -> None:
                          "or the weights)")
 
 
-def _per_token(Gs: Tensor, valid: Tensor) -> Iterable[Tensor]:
-    """The output gradients split by position: for each t with a counted token, Gs masked to t;
-    yielded in chunks [K * positions, ...] of bounded size."""
-    ts = [t for t in range(valid.shape[1]) if valid[:, t].any()]
+def _token_slots(valid: Tensor, per_sequence: int | None, gen: torch.Generator) -> list[Tensor]:
+    """Per sequence, the counted positions whose squared gradients are taken: all of them, or
+    `per_sequence` drawn without replacement (CPU-seeded)."""
+    slots = []
+    for row in valid.cpu():
+        pos = row.nonzero().flatten()
+        if per_sequence is not None and len(pos) > per_sequence:
+            pos = pos[torch.randperm(len(pos), generator=gen)[:per_sequence]].sort().values
+        slots.append(pos)
+    return slots
+
+
+def _per_token(Gs: Tensor, slots: Sequence[Tensor]) -> Iterable[Tensor]:
+    """The output gradients split into single-token parts: part j keeps, of every sequence b, only
+    its j-th position slots[b][j], so one batched backward pass gives each sequence's squared
+    gradient of one token's loss. Yielded in chunks [K * parts, ...] of bounded size."""
+    parts = max((len(s) for s in slots), default=0)
     step = max(1, 2**24 // max(1, Gs.numel()))
-    for i in range(0, len(ts), step):
-        part = ts[i:i + step]
-        out = Gs.new_zeros((len(part),) + Gs.shape)
-        for j, t in enumerate(part):
-            out[j, :, :, t] = Gs[:, :, t]
+    for i in range(0, parts, step):
+        js = range(i, min(parts, i + step))
+        out = Gs.new_zeros((len(js),) + Gs.shape)
+        for j, part in enumerate(js):
+            for b, pos in enumerate(slots):
+                if part < len(pos):
+                    t = int(pos[part])
+                    out[j, :, b, t] = Gs[:, b, t]
         yield out.flatten(0, 1)
 
 
@@ -156,7 +183,8 @@ def _per_token(Gs: Tensor, valid: Tensor) -> Iterable[Tensor]:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_options(kind: str, task: str, per: str, n_samples: int, max_examples: int | None) -> None:
+def _check_options(kind: str, task: str, per: str, n_samples: int, max_examples: int | None,
+                   tokens_per_sequence: int | None = None) -> None:
     if kind not in KINDS:
         raise MergeError(f"fisher: unknown kind {kind!r}; choose one of {KINDS}")
     if task not in TASKS:
@@ -173,6 +201,13 @@ def _check_options(kind: str, task: str, per: str, n_samples: int, max_examples:
     if max_examples is not None and (not isinstance(max_examples, int) or isinstance(max_examples, bool)
                                      or max_examples < 1):
         raise MergeError(f"fisher: max_examples must be a positive integer or None, got {max_examples!r}")
+    if tokens_per_sequence is not None:
+        if per != "token":
+            raise MergeError("fisher: tokens_per_sequence is for per='token'")
+        if not isinstance(tokens_per_sequence, int) or isinstance(tokens_per_sequence, bool) \
+                or tokens_per_sequence < 1:
+            raise MergeError(f"fisher: tokens_per_sequence must be a positive integer or None, "
+                             f"got {tokens_per_sequence!r}")
 
 
 def _acc_dtype(p: Tensor) -> torch.dtype:

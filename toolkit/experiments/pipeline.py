@@ -134,9 +134,10 @@ def to_device(x: Any, device: str) -> Any:
 
 
 def paired(a: pd.Series, b: pd.Series) -> dict[str, Any]:
-    """a - b per seed (both indexed by seed): the mean difference, its range over seeds, and the
-    verdict 'higher' / 'lower' when every seed (at least two) agrees on the sign, 'a tie' when they
-    disagree (inside the spread), 'one seed: no verdict' with a single seed."""
+    """The one rule every claim of the book rests on: a - b per seed (both indexed by seed), the
+    mean difference, its range over seeds, and the verdict 'higher' / 'lower' when every seed (at
+    least two) agrees on the sign, 'a tie' when they disagree (zero lies inside the seed spread),
+    'one seed: no verdict' with a single seed."""
     d = (a - b).dropna()
     if d.empty:
         raise MergeError("paired: no seed has both values")
@@ -144,3 +145,17 @@ def paired(a: pd.Series, b: pd.Series) -> dict[str, Any]:
     verdict = ("one seed: no verdict" if len(d) < 2 else "higher" if lo > 0 else "lower" if hi < 0
                else "a tie")
     return {"diff": float(d.mean()), "lo": lo, "hi": hi, "seeds": len(d), "verdict": verdict}
+
+
+def by_seed(df: pd.DataFrame, value: str, key: str = "method") -> pd.DataFrame:
+    """One column per `key` (method), one row per seed: the mean of `value` over the other rows
+    (tasks, domains) of each seed; the input of `paired` and `compare`."""
+    return df.groupby([key, "seed"], sort=False)[value].mean().unstack(key)
+
+
+def compare(seeds: pd.DataFrame, a: str, b: str, higher: str = "higher", lower: str = "lower",
+            tie: str = "a tie") -> str:
+    """`paired` of columns a and b of a `by_seed` table, said in words: `higher` / `lower` /
+    `tie` (or "one seed: no verdict")."""
+    v = paired(seeds[a], seeds[b])["verdict"]
+    return {"higher": higher, "lower": lower, "a tie": tie}.get(v, v)
