@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test book bench clean
+.PHONY: test book bench bench-book clean
 
 $(STAMP): requirements.txt requirements-models.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_curvature.py
 	$(BIN)/python benchmarks/bench_merge.py --params 100M --repeat 1
 	$(BIN)/python benchmarks/bench_stats.py
+
+bench-book: $(STAMP)
+	$(BIN)/python benchmarks/bench_book.py
 
 clean:
 	rm -rf _build
