@@ -30,7 +30,7 @@ from .mismatch import gradient_mismatch, total_norm
 from .scale import pick as by_scale
 
 StateDict = Mapping[str, Tensor]
-VERSION = 2  # of the tables cached here: bump when what they hold changes meaning
+VERSION = 3  # of the tables cached here: bump when what they hold changes meaning
 KNOBS: dict[str, dict[str, tuple]] = {"ties": {"density": (0.2, 0.5)}, "dare": {"p": (0.3, 0.7)},
                                       "regmean": {"off_diag": (0.5, 0.9, 1.0)}}
 
@@ -56,6 +56,15 @@ def wemoe_settings(scale: str) -> tuple[int, int, float]:
 # statistics and their costs
 # ---------------------------------------------------------------------------------------------
 
+def clock(s: E.VisionSetup) -> float:
+    """The clock of every cost: this process's CPU seconds on a CPU (other processes' load does
+    not count), wall seconds on a GPU (after the queued kernels finish)."""
+    if s.device == "cpu":
+        return time.process_time()
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def step_seconds(s: E.VisionSetup, ft: dict, task: V.Task, train, repeats: int = 5) -> float:
     """Median time of one AdamW training step of a task model on one batch (the cost unit)."""
     model = V.task_model(s.vit, ft["backbone"], ft["head"], task.n_classes).to(s.device).train()
@@ -64,12 +73,12 @@ def step_seconds(s: E.VisionSetup, ft: dict, task: V.Task, train, repeats: int =
     x, y = x.to(s.device), y.to(s.device)
     times = []
     for i in range(repeats + 1):
-        t = time.perf_counter()
+        t = clock(s)
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         opt.step()
         if i:
-            times.append(time.perf_counter() - t)
+            times.append(clock(s) - t)
     return stat.median(times)
 
 
@@ -108,10 +117,11 @@ def task_statistic(s: E.VisionSetup, name: str, ft: dict, ft_cfg: dict, task: V.
     """{"value": one task's statistic at theta_t, "seconds": its pass} (cached)."""
     def compute():
         model = V.task_model(s.vit, ft["backbone"], ft["head"], task.n_classes).to(s.device)
-        t = time.perf_counter()
+        t = clock(s)
         value = STATISTICS[name](s, model, train)
-        return {"value": {k: v.cpu() for k, v in value.items()}, "seconds": time.perf_counter() - t}
-    cfg = {"ft": ft_cfg, "stat": name, "kind": s.fisher_kind, "examples": s.fisher_examples, "seed": s.seed}
+        return {"value": {k: v.cpu() for k, v in value.items()}, "seconds": clock(s) - t}
+    cfg = {"ft": ft_cfg, "stat": name, "kind": s.fisher_kind, "examples": s.fisher_examples, "seed": s.seed,
+           "clock": "cpu" if s.device == "cpu" else "wall"}
     return cache.cached("related-stat", cfg, compute)
 
 
@@ -129,7 +139,8 @@ def statistic(s: E.VisionSetup, A: dict, name: str) -> tuple[list[dict], float]:
 def _cost_key(s: E.VisionSetup, A: dict) -> dict:
     """What a cost measured on task 0 depends on (not the seed: costs are measured once)."""
     return {"base": A["base_cfg"], "task": V.config_dict(s.tasks[0]), "n": len(A["trains"][0]),
-            "bs": s.batch_size, "kind": s.fisher_kind, "examples": s.fisher_examples}
+            "bs": s.batch_size, "kind": s.fisher_kind, "examples": s.fisher_examples,
+            "clock": "cpu" if s.device == "cpu" else "wall"}
 
 
 def pass_seconds(s: E.VisionSetup, A: dict, name: str) -> float:
@@ -137,9 +148,9 @@ def pass_seconds(s: E.VisionSetup, A: dict, name: str) -> float:
     def compute():
         ft, task = A["finetuned"][0], s.tasks[0]
         model = V.task_model(s.vit, ft["backbone"], ft["head"], task.n_classes).to(s.device)
-        t = time.perf_counter()
+        t = clock(s)
         STATISTICS[name](s, model, A["trains"][0])
-        return time.perf_counter() - t
+        return clock(s) - t
     return cache.cached("related-cost", {**_cost_key(s, A), "stat": name}, compute)
 
 
@@ -198,10 +209,10 @@ def sweep(s: E.VisionSetup, method: str, base: StateDict, bbs: Sequence[StateDic
     m, rows, merged = get_method(method), [], {}
     for knobs in _grid(method):
         for a in m.grid(s.alphas):
-            t = time.perf_counter()
+            t = clock(s)
             sd = P.merge(s, method, base, bbs, a, fishers=fishers, sizes=sizes, stats=stats, **knobs)
             rows.append({"alpha": a, "knobs": knobs, "val": _mean(score(sd, "val")),
-                         "merge_seconds": time.perf_counter() - t})
+                         "merge_seconds": clock(s) - t})
             if pick(pd.DataFrame(rows)).name == len(rows) - 1:
                 merged = sd  # the best so far: only the best is evaluated on test
     df = pd.DataFrame(rows)
@@ -238,8 +249,8 @@ def leaderboard(s: E.VisionSetup | None = None, progress: bool = False,
                 wemoe_steps: int | None = None) -> pd.DataFrame:
     """One seed: a row per registered method (plus WEMoE, marked dynamic) with the knobs chosen on
     validation, normalised test accuracy (mean and per task), the validation score's spread over
-    alpha, and costs: one task's statistics pass in seconds and in training steps, the merge's
-    seconds, the parameters needed at inference beyond one backbone."""
+    alpha, and costs (`clock`): one task's statistics pass in seconds and in training steps, the
+    merge's seconds, the parameters needed at inference beyond one backbone."""
     s = s or E.setup()
     steps = wemoe_steps if wemoe_steps is not None else wemoe_settings(s.scale)[0]
     with V.fast_cpu():
@@ -276,10 +287,10 @@ def wemoe_row(s: E.VisionSetup, A: dict, score: Scorer, lam: float, steps: int, 
     test inputs (test-time training, as in the paper); the number of adaptation steps is a knob
     chosen on validation among 0 (task arithmetic), steps/2 and steps."""
     from .wemoe import adapt, build, extra_parameters, forward_flops, routers
-    t0 = time.perf_counter()
+    t0 = clock(s)
     moe = build(V.make_backbone(s.vit), A["base"], [ft["backbone"] for ft in A["finetuned"]],
                 lam=lam, init=lam).to(s.device)
-    built = time.perf_counter() - t0
+    built = clock(s) - t0
     heads = [h.eval().requires_grad_(False) for h in score.ev["test"].heads]
     _, batch, lr = wemoe_settings(s.scale)
     unlabeled = [[x.to(s.device) for x, _ in itertools.islice(V.loader(t, batch, shuffle=True, seed=s.seed), steps)]
@@ -296,9 +307,9 @@ def wemoe_row(s: E.VisionSetup, A: dict, score: Scorer, lam: float, steps: int, 
     done, sec, losses = 0, 0.0, []
     points = [(0, 0.0, _mean(accuracy("val")), state())]  # (steps, seconds so far, val, routers)
     for target in sorted({max(1, steps // 2), steps}) if steps > 0 else []:
-        t0 = time.perf_counter()
+        t0 = clock(s)
         losses += adapt(moe, heads, unlabeled, steps=target - done, lr=lr)
-        sec += time.perf_counter() - t0
+        sec += clock(s) - t0
         done = target
         points.append((done, sec, _mean(accuracy("val")), state()))
     best, best_sec, val, weights = max(points, key=lambda p: -1.0 if p[2] != p[2] else p[2])
@@ -405,9 +416,9 @@ def ivon_finetune(s: E.VisionSetup, base: StateDict, base_cfg: dict, task: V.Tas
         model = V.TaskModel(bb, V.make_head(s.vit, task.n_classes, seed=s.seed)).to(s.device)
         data = V._cycle(V.loader(train, s.batch_size, shuffle=True, seed=s.seed))
         batches = ((x.to(s.device), y.to(s.device)) for x, y in data)
-        t = time.perf_counter()
+        t = clock(s)
         h = finetune(model, batches, steps=E._steps(s, n), ess=IVON_ESS_FACTOR * n, seed=s.seed, **IVON_KNOBS)
-        sec = time.perf_counter() - t
+        sec = clock(s) - t
         return {"backbone": {k: v.cpu() for k, v in model.backbone.state_dict().items()},
                 "head": {k: v.cpu() for k, v in model.head.state_dict().items()},
                 "hess": {k: v.cpu() for k, v in V.backbone_keys(h).items()}, "seconds": sec}
