@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from toolkit import MergeError, merge_state_dicts
-from toolkit.wemoe import WEMoEMLP, adapt, build, extra_parameters, forward_flops
+from toolkit.wemoe import MoELinear, WEMoEMLP, adapt, build, extra_parameters, forward_flops
 
 
 def vit(seed=0):
@@ -62,9 +62,27 @@ def test_initial_router_is_task_arithmetic_and_adaptation_trains_routers_only():
     assert any(not torch.equal(routers0[n], p) for n, p in moe.named_parameters() if p.requires_grad)
     extra = extra_parameters(moe)
     mlp_params = sum(v.numel() for k, v in base.items() if ".mlp." in k)
+    mlp_params_w = sum(v.numel() for k, v in base.items() if ".mlp." in k and k.endswith("weight"))
     assert extra["task_vectors"] == 2 * mlp_params and extra["routers"] == 2 * (8 * 8 + 8 + 8 * 2 + 2)
-    fl = forward_flops(moe, tokens=5)
-    assert fl["wemoe_mlp"] > 3 * fl["merged_mlp"]
+    fl = forward_flops(moe, tokens=5)  # per linear: W_b formed (T out in), applied (tokens out in)
+    assert fl["merged_mlp"] == 5 * mlp_params_w
+    assert fl["wemoe_mlp"] == (5 + 2) * mlp_params_w + 2 * 5 * (8 * 8 + 8 * 2)  # + 2 routers
+
+
+def test_moe_linear_is_base_plus_routed_task_vectors_in_any_chunking():
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(6, 4)
+    taus_w, taus_b = torch.randn(3, 4, 6, generator=g), torch.randn(3, 4, generator=g)
+    m = MoELinear(lin, taus_w, taus_b)
+    m.r = torch.rand(5, 3, generator=g)
+    x = torch.randn(5, 7, 6, generator=g)
+    with torch.no_grad():
+        want = torch.stack([x[b] @ (lin.weight + (m.r[b, :, None, None] * taus_w).sum(0)).T
+                            + lin.bias + m.r[b] @ taus_b for b in range(5)])
+        assert torch.allclose(m(x), want, atol=1e-5)
+        m.chunk = 2 * lin.weight.numel()  # two examples per chunk
+        assert torch.allclose(m(x), want, atol=1e-5)
+        assert torch.allclose(m(x[:, 0]), want[:, 0], atol=1e-5)  # no token dimension
 
 
 def test_bad_input():

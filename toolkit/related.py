@@ -1,13 +1,18 @@
-"""The related methods on the vision benchmark: the leaderboard of every registered method (knobs
-and alpha chosen on a validation split, reported on a disjoint test split, with costs), and the
-studies of IVON's free uncertainty, Weight Scope Alignment and WEMoE.
+"""The related methods on the vision benchmark (chapter 7): the leaderboard of every registered
+method and WEMoE, and the studies of IVON's free uncertainty and Weight Scope Alignment; one seed
+per call (`over_seeds` runs several), every claim made over seeds with `pipeline.paired`.
 
-The validation and test splits are the two halves of each task's test set. A method enters the
-leaderboard by its `register` decorator alone: its statistics come from `STATISTICS` (by name),
-its alpha grid from `Method.grid`, its other knobs from `KNOBS` (defaults where absent).
+Protocol: every knob (alpha from `Method.grid`, the others from `KNOBS`, WEMoE's adaptation
+steps) is chosen on the validation split chapter 5 carves from each task's training data
+(`E.artifacts(s)["vals"]`; a fixed random subset of `val_cap` per task), and only the chosen point
+is evaluated on the whole test split. Scores are normalised: a task's accuracy divided by its own
+fine-tuned model's on the same split. A method enters the leaderboard by its `register` decorator
+alone: its statistics come from `STATISTICS` by name (chapter 5's Fishers are reused, not
+recomputed). Results are cached per seed (`toolkit.cache`), keyed by everything they depend on.
 """
 from __future__ import annotations
 
+import itertools
 import statistics as stat
 import time
 from dataclasses import replace
@@ -17,22 +22,47 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Subset
 
-from . import cache, vision as V
+from . import cache, data as D, vision as V
 from .experiments import pipeline as P, vision as E
 from .merge import METHODS, get_method
 from .mismatch import gradient_mismatch, total_norm
+from .scale import pick as by_scale
 
 StateDict = Mapping[str, Tensor]
+VERSION = 3  # of the tables cached here: bump when what they hold changes meaning
 KNOBS: dict[str, dict[str, tuple]] = {"ties": {"density": (0.2, 0.5)}, "dare": {"p": (0.3, 0.7)},
                                       "regmean": {"off_diag": (0.5, 0.9, 1.0)}}
 
 
-def splits(tests: Sequence) -> tuple[list, list]:
-    """(validation, test): the first and second half of each task's test set."""
-    return ([Subset(t, range(len(t) // 2)) for t in tests],
-            [Subset(t, range(len(t) // 2, len(t))) for t in tests])
+def val_cap(scale: str) -> int | None:
+    """Validation examples per task that choose the knobs (None: all): a subset at `small`, where
+    each of the ~50 evaluations per seed is a pass of the ViT on a CPU."""
+    return by_scale(None, 64, None, scale)
+
+
+def study_size(scale: str) -> int | None:
+    """Tasks in the IVON and WSA studies (None: all): each needs its own fine-tunings."""
+    return by_scale(2, 2, None, scale)
+
+
+def wemoe_settings(scale: str) -> tuple[int, int, float]:
+    """WEMoE's test-time adaptation: (steps, unlabeled inputs per task and step, Adam's learning
+    rate); a few steps need a larger rate (at 1e-3, 8 steps left every prediction unchanged)."""
+    return by_scale((2, 16, 1e-2), (8, 16, 1e-2), (500, 16, 1e-3), scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics and their costs
+# ---------------------------------------------------------------------------------------------
+
+def clock(s: E.VisionSetup) -> float:
+    """The clock of every cost: this process's CPU seconds on a CPU (other processes' load does
+    not count), wall seconds on a GPU (after the queued kernels finish)."""
+    if s.device == "cpu":
+        return time.process_time()
+    torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def step_seconds(s: E.VisionSetup, ft: dict, task: V.Task, train, repeats: int = 5) -> float:
@@ -43,12 +73,12 @@ def step_seconds(s: E.VisionSetup, ft: dict, task: V.Task, train, repeats: int =
     x, y = x.to(s.device), y.to(s.device)
     times = []
     for i in range(repeats + 1):
-        t = time.perf_counter()
+        t = clock(s)
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         opt.step()
         if i:
-            times.append(time.perf_counter() - t)
+            times.append(clock(s) - t)
     return stat.median(times)
 
 
@@ -58,14 +88,15 @@ def _batches(s: E.VisionSetup, train):
 
 def _mc_fisher(s, model, train):
     from .curvature import fisher
-    f = fisher(model, _batches(s, train), s.fisher_kind, seed=s.seed, progress=False, max_examples=s.fisher_examples,
-               params=lambda n: n.startswith("backbone."))
+    f = fisher(model, _batches(s, train), s.fisher_kind, seed=s.seed, progress=False,
+               max_examples=s.fisher_examples, params=lambda n: n.startswith("backbone."))
     return V.backbone_keys(f)
 
 
 def _grams(s, model, train):
     from .gram import grams
-    g, _ = grams(model, _batches(s, train), params=lambda n: n.startswith("backbone."), max_examples=s.fisher_examples)
+    g, _ = grams(model, _batches(s, train), params=lambda n: n.startswith("backbone."),
+                 max_examples=s.fisher_examples)
     return V.backbone_keys(g)
 
 
@@ -78,44 +109,274 @@ def _node_fishers(s, model, train):
 
 # statistic name (as in `register(stats=...)`) -> how one task's statistic is computed at theta_t
 STATISTICS: dict[str, Callable] = {"fishers": _mc_fisher, "grams": _grams, "node_fishers": _node_fishers}
+# statistics chapter 5 already made (a key of `E.artifacts`): reused, their pass only timed
+FROM_ARTIFACTS: dict[str, str] = {"fishers": "fishers"}
 
 
 def task_statistic(s: E.VisionSetup, name: str, ft: dict, ft_cfg: dict, task: V.Task, train) -> dict:
-    """{"value": one task's statistic, "seconds": its pass, "step": one training step} (cached)."""
+    """{"value": one task's statistic at theta_t, "seconds": its pass} (cached)."""
     def compute():
         model = V.task_model(s.vit, ft["backbone"], ft["head"], task.n_classes).to(s.device)
-        t = time.perf_counter()
+        t = clock(s)
         value = STATISTICS[name](s, model, train)
-        sec = time.perf_counter() - t
-        return {"value": {k: v.cpu() for k, v in value.items()}, "seconds": sec,
-                "step": step_seconds(s, ft, task, train)}
-    cfg = {"ft": ft_cfg, "stat": name, "kind": s.fisher_kind, "examples": s.fisher_examples, "seed": s.seed}
+        return {"value": {k: v.cpu() for k, v in value.items()}, "seconds": clock(s) - t}
+    cfg = {"ft": ft_cfg, "stat": name, "kind": s.fisher_kind, "examples": s.fisher_examples, "seed": s.seed,
+           "clock": "cpu" if s.device == "cpu" else "wall"}
     return cache.cached("related-stat", cfg, compute)
 
 
-class Scorer:
-    """Accuracy of a backbone on the validation and test halves, normalised by each task model's own."""
+def statistic(s: E.VisionSetup, A: dict, name: str) -> tuple[list[dict], float]:
+    """Every task's statistic `name` and the seconds of one task's pass (task 0's; every task
+    uses the same number of examples). Chapter 5's (`FROM_ARTIFACTS`) are reused: their pass is
+    timed once, on the first seed that asks (`pass_seconds`)."""
+    if name in FROM_ARTIFACTS:
+        return A[FROM_ARTIFACTS[name]], pass_seconds(s, A, name)
+    got = [task_statistic(s, name, ft, c, t, tr) for ft, c, t, tr in
+           zip(A["finetuned"], A["ft_cfgs"], s.tasks, A["trains"])]
+    return [g["value"] for g in got], got[0]["seconds"]
 
-    def __init__(self, s: E.VisionSetup, heads: Sequence[StateDict], bbs: Sequence[StateDict], tests: Sequence):
-        val, test = splits(tests)
-        self.ev = {"val": E.Evaluator(s, heads, val), "test": E.Evaluator(s, heads, test)}
+
+def _cost_key(s: E.VisionSetup, A: dict) -> dict:
+    """What a cost measured on task 0 depends on (not the seed: costs are measured once)."""
+    return {"base": A["base_cfg"], "task": V.config_dict(s.tasks[0]), "n": len(A["trains"][0]),
+            "bs": s.batch_size, "kind": s.fisher_kind, "examples": s.fisher_examples,
+            "clock": "cpu" if s.device == "cpu" else "wall"}
+
+
+def pass_seconds(s: E.VisionSetup, A: dict, name: str) -> float:
+    """Seconds of the pass of statistic `name` on task 0's model (cached)."""
+    def compute():
+        ft, task = A["finetuned"][0], s.tasks[0]
+        model = V.task_model(s.vit, ft["backbone"], ft["head"], task.n_classes).to(s.device)
+        t = clock(s)
+        STATISTICS[name](s, model, A["trains"][0])
+        return clock(s) - t
+    return cache.cached("related-cost", {**_cost_key(s, A), "stat": name}, compute)
+
+
+def unit_step(s: E.VisionSetup, A: dict) -> float:
+    """Seconds of one training step of task 0's model, the cost unit (cached)."""
+    ft, t, tr = A["finetuned"][0], s.tasks[0], A["trains"][0]
+    return cache.cached("related-cost", {**_cost_key(s, A), "stat": "training step"},
+                        lambda: step_seconds(s, ft, t, tr))
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring: knobs on validation, the chosen point on test
+# ---------------------------------------------------------------------------------------------
+
+class Scorer:
+    """Normalised accuracy per task of a backbone with each task's head: on a fixed subset of the
+    validation split ("val", `val_cap`) or on the whole test split ("test"), divided by the
+    task's own model's accuracy on the same data."""
+
+    def __init__(self, s: E.VisionSetup, heads: Sequence[StateDict], bbs: Sequence[StateDict],
+                 vals: Sequence, tests: Sequence):
+        vals = [D.cap(v, val_cap(s.scale), s.seed) for v in vals]
+        self.ev = {"val": E.Evaluator(s, heads, vals), "test": E.Evaluator(s, heads, tests)}
         self.own = {k: [ev(bb, [i])[i] for i, bb in enumerate(bbs)] for k, ev in self.ev.items()}
 
-    def __call__(self, backbone: StateDict) -> dict[str, list[float]]:
-        """{"val"/"test": normalised accuracy per task, "val_acc"/"test_acc": raw accuracy per task}."""
-        out = {}
-        for k, ev in self.ev.items():
-            acc = ev(backbone)
-            out[f"{k}_acc"] = [acc[i] for i in range(len(acc))]
-            out[k] = [a / o if o > 0 else float("nan") for a, o in zip(out[f"{k}_acc"], self.own[k])]
-        return out
+    def normalise(self, split: str, acc: Sequence[float]) -> list[float]:
+        return [a / o if o > 0 else float("nan") for a, o in zip(acc, self.own[split])]
+
+    def __call__(self, backbone: StateDict, split: str) -> list[float]:
+        acc = self.ev[split](backbone)
+        return self.normalise(split, [acc[i] for i in range(len(acc))])
 
 
 def _grid(method: str) -> list[dict]:
     """Knob settings to try: the product of KNOBS[method] (the defaults when absent)."""
-    import itertools
     knobs = {k: v for k, v in KNOBS.get(method, {}).items() if k in get_method(method).options}
     return [dict(zip(knobs, vals)) for vals in itertools.product(*knobs.values())] or [{}]
+
+
+def _mean(xs: Sequence[float]) -> float:
+    """Mean over the tasks whose own model is above 0 on the split (NaN entries left out)."""
+    xs = [x for x in xs if x == x]
+    return stat.mean(xs) if xs else float("nan")
+
+
+def pick(df: pd.DataFrame) -> pd.Series:
+    """The row with the best mean normalised validation accuracy (first one on ties)."""
+    return df.loc[df["val"].fillna(-1.0).idxmax()]
+
+
+def sweep(s: E.VisionSetup, method: str, base: StateDict, bbs: Sequence[StateDict], score: Scorer,
+          names: Sequence[str], fishers=None, sizes=None, stats=None) -> dict[str, Any]:
+    """Every (knobs, alpha) point of a method scored on validation; the best one on test:
+    alpha, knobs, val, test (mean normalised), test per task, raw test accuracy, the spread of
+    the validation score over alpha at the chosen knobs, the median merge seconds."""
+    m, rows, merged = get_method(method), [], {}
+    for knobs in _grid(method):
+        for a in m.grid(s.alphas):
+            t = clock(s)
+            sd = P.merge(s, method, base, bbs, a, fishers=fishers, sizes=sizes, stats=stats, **knobs)
+            rows.append({"alpha": a, "knobs": knobs, "val": _mean(score(sd, "val")),
+                         "merge_seconds": clock(s) - t})
+            if pick(pd.DataFrame(rows)).name == len(rows) - 1:
+                merged = sd  # the best so far: only the best is evaluated on test
+    df = pd.DataFrame(rows)
+    best = pick(df)
+    test = score(merged, "test")
+    at_knobs = df[df["knobs"].apply(lambda k: k == best["knobs"])]["val"]
+    return {"alpha": P.row_alpha(m, best["alpha"]), "knobs": best["knobs"], "val": best["val"],
+            "test": _mean(test), **dict(zip(names, test)),
+            "test_acc": stat.mean(a * o for a, o in zip(test, score.own["test"])),
+            "alpha_spread": float(at_knobs.max() - at_knobs.min()),
+            "merge_seconds": float(df["merge_seconds"].median())}
+
+
+def _table(s: E.VisionSetup, A: dict, what: str, compute: Callable[[], list[dict]], **extra: Any) -> pd.DataFrame:
+    """One seed's rows of a study, cached by everything they depend on."""
+    cfg = {"v": VERSION, "what": what, "ft": A["ft_cfgs"], "seed": s.seed, "alphas": list(s.alphas),
+           "knobs": s.knobs(), "fisher": [s.fisher_kind, s.fisher_examples], "n_test": s.n_test,
+           "val": [s.val_fraction, val_cap(s.scale)], **extra}
+    rows = cache.cached("related-table", cfg, compute)
+    return pd.DataFrame(rows).assign(seed=s.seed)
+
+
+def over_seeds(fn: Callable[..., pd.DataFrame], seeds: Sequence[int], scale: str | None = None,
+               **kw: Any) -> pd.DataFrame:
+    """fn(E.setup(scale, seed), **kw) for every seed, one table (index reset, a `seed` column)."""
+    return pd.concat([fn(E.setup(scale, seed), **kw).reset_index() for seed in seeds], ignore_index=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the leaderboard
+# ---------------------------------------------------------------------------------------------
+
+def leaderboard(s: E.VisionSetup | None = None, progress: bool = False,
+                wemoe_steps: int | None = None) -> pd.DataFrame:
+    """One seed: a row per registered method (plus WEMoE, marked dynamic) with the knobs chosen on
+    validation, normalised test accuracy (mean and per task), the validation score's spread over
+    alpha, and costs (`clock`): one task's statistics pass in seconds and in training steps, the
+    merge's seconds, the parameters needed at inference beyond one backbone."""
+    s = s or E.setup()
+    steps = wemoe_steps if wemoe_steps is not None else wemoe_settings(s.scale)[0]
+    with V.fast_cpu():
+        A = E.artifacts(s, progress)
+        methods = {n: [list(m.stats), dict(m.defaults), m.alpha_cancels, m.scale_knob, m.label]
+                   for n, m in METHODS.items()}
+        df = _table(s, A, "leaderboard", lambda: _leaderboard(s, A, steps), methods=methods,
+                    search=KNOBS, wemoe=[steps, *wemoe_settings(s.scale)[1:]])
+    return df.set_index("method")
+
+
+def _leaderboard(s: E.VisionSetup, A: dict, wemoe_steps: int) -> list[dict]:
+    names, bbs = A["names"], [ft["backbone"] for ft in A["finetuned"]]
+    score = Scorer(s, [ft["head"] for ft in A["finetuned"]], bbs, A["vals"], A["tests"])
+    step = unit_step(s, A)
+    rows = []
+    for name, m in METHODS.items():
+        if any(st not in STATISTICS for st in m.stats):
+            continue  # a statistic the benchmark cannot compute yet: add it to STATISTICS
+        got = {st: statistic(s, A, st) for st in m.stats}
+        vals = {st: v for st, (v, _) in got.items()}
+        fishers = vals.pop("fishers", None)
+        sec = sum(t for _, t in got.values())
+        r = sweep(s, name, A["base"], bbs, score, names, fishers, A["sizes"], vals)
+        rows.append({"method": name, "label": m.label, **r, "stat_seconds": sec, "stat_steps": sec / step,
+                     "extra_params": 0, "dynamic": False})
+    lam = next(r["alpha"] for r in rows if r["method"] == "task_arithmetic")
+    rows.append(wemoe_row(s, A, score, lam, wemoe_steps, step))
+    return rows
+
+
+def wemoe_row(s: E.VisionSetup, A: dict, score: Scorer, lam: float, steps: int, step: float) -> dict:
+    """WEMoE with lam = task arithmetic's validated alpha, its routers adapted on the unlabeled
+    test inputs (test-time training, as in the paper); the number of adaptation steps is a knob
+    chosen on validation among 0 (task arithmetic), steps/2 and steps."""
+    from .wemoe import adapt, build, extra_parameters, forward_flops, routers
+    t0 = clock(s)
+    moe = build(V.make_backbone(s.vit), A["base"], [ft["backbone"] for ft in A["finetuned"]],
+                lam=lam, init=lam).to(s.device)
+    built = clock(s) - t0
+    heads = [h.eval().requires_grad_(False) for h in score.ev["test"].heads]
+    _, batch, lr = wemoe_settings(s.scale)
+    unlabeled = [[x.to(s.device) for x, _ in itertools.islice(V.loader(t, batch, shuffle=True, seed=s.seed), steps)]
+                 for t in A["tests"]]
+
+    def accuracy(split: str) -> list[float]:
+        ev = score.ev[split]
+        return score.normalise(split, [V.accuracy(V.TaskModel(moe, h), ds, device=s.device)
+                                       for h, ds in zip(heads, ev.tests)])
+
+    def state() -> list[Tensor]:
+        return [p.detach().clone() for p in routers(moe)]
+    torch.manual_seed(s.seed)
+    done, sec, losses = 0, 0.0, []
+    points = [(0, 0.0, _mean(accuracy("val")), state())]  # (steps, seconds so far, val, routers)
+    for target in sorted({max(1, steps // 2), steps}) if steps > 0 else []:
+        t0 = clock(s)
+        losses += adapt(moe, heads, unlabeled, steps=target - done, lr=lr)
+        sec += clock(s) - t0
+        done = target
+        points.append((done, sec, _mean(accuracy("val")), state()))
+    best, best_sec, val, weights = max(points, key=lambda p: -1.0 if p[2] != p[2] else p[2])
+    with torch.no_grad():
+        for p, w in zip(routers(moe), weights):
+            p.copy_(w)
+    test = accuracy("test")
+    extra = extra_parameters(moe)
+    fl = forward_flops(moe, (s.vit.img_size // s.vit.patch_size) ** 2 + 1)
+    return {"method": "wemoe", "label": "WEMoE (dynamic)", "alpha": lam, "knobs": {"steps": best},
+            "val": val, "test": _mean(test), **dict(zip(A["names"], test)),
+            "test_acc": stat.mean(a * o for a, o in zip(test, score.own["test"])), "alpha_spread": None,
+            "merge_seconds": built, "stat_seconds": best_sec, "stat_steps": best_sec / step,
+            "adapt_steps": steps, "adapt_cost": sec / step,
+            "extra_params": extra["task_vectors"] + extra["routers"], "dynamic": True,
+            "mlp_cost_ratio": fl["wemoe_mlp"] / fl["merged_mlp"],
+            "val_by_steps": {n: v for n, _, v, _ in points},
+            "entropy_first_last": [losses[0], losses[-1]] if losses else None}
+
+
+def summary(lb: pd.DataFrame, names: Sequence[str] = ()) -> pd.DataFrame:
+    """Per method over seeds: normalised test accuracy (mean, sd; per task: mean), the knobs chosen
+    per seed, the validation score, the alpha spread and the costs (means); best first."""
+    g = lb.groupby("method", sort=False)
+    join = lambda xs: " ".join("-" if x is None or x != x else (f"{x:g}" if isinstance(x, float) else  # noqa: E731
+                                                                 ",".join(f"{v:g}" for v in x.values()) or "-")
+                               for x in xs)
+    out = pd.DataFrame({"label": g["label"].first(), "test": g["test"].mean(), "test sd": g["test"].std(ddof=1),
+                        **{n: g[n].mean() for n in names}, "alpha per seed": g["alpha"].apply(join),
+                        "knobs per seed": g["knobs"].apply(join), "val": g["val"].mean(),
+                        "alpha spread": g["alpha_spread"].mean(), "stat seconds": g["stat_seconds"].mean(),
+                        "stat steps": g["stat_steps"].mean(), "merge seconds": g["merge_seconds"].mean(),
+                        "extra params": g["extra_params"].first(), "dynamic": g["dynamic"].first(),
+                        "seeds": g["seed"].nunique()})
+    return out.sort_values("test", ascending=False)
+
+
+WORDS = {"higher": "higher on every seed", "lower": "lower on every seed",
+         "tie": "a tie (the seeds disagree on the sign)"}
+
+
+def verdict(seeds: pd.DataFrame, a: str, b: str, **words: str) -> str:
+    """The book's one rule (`pipeline.compare` of a `pipeline.by_seed` table: a against b per
+    seed) in the chapter's words, `WORDS` unless given; "one seed: no verdict" with one seed."""
+    return P.compare(seeds, a, b, **{**WORDS, **words})
+
+
+def plus_minus(mean: float, sd: float, digits: int = 3) -> str:
+    """'mean ± sd' (just the mean when sd is NaN: one seed)."""
+    return f"{mean:.{digits}f}" if sd != sd else f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the studies' tasks: the ones with the fewest training examples
+# ---------------------------------------------------------------------------------------------
+
+def study_tasks(s: E.VisionSetup, A: dict) -> list[int]:
+    """Indices of the IVON and WSA studies' tasks: the `study_size` ones with the fewest
+    training examples (the cheapest fine-tunings), in the benchmark's order."""
+    k = study_size(s.scale) or len(s.tasks)
+    return sorted(sorted(range(len(s.tasks)), key=lambda i: (len(A["trains"][i]), i))[:k])
+
+
+def subset(s: E.VisionSetup, A: dict, idx: Sequence[int]) -> tuple[E.VisionSetup, dict]:
+    """The setup and `E.artifacts` restricted to the tasks `idx`."""
+    keys = ("names", "trains", "vals", "tests", "sizes", "finetuned", "ft_cfgs", "fishers")
+    return replace(s, tasks=tuple(s.tasks[i] for i in idx)), {**A, **{k: [A[k][i] for i in idx] for k in keys}}
 
 
 def mismatch_norm(s: E.VisionSetup, backbone: StateDict, fts: Sequence[dict], trains: Sequence,
@@ -125,113 +386,10 @@ def mismatch_norm(s: E.VisionSetup, backbone: StateDict, fts: Sequence[dict], tr
     return total_norm(gradient_mismatch(g, at_task))
 
 
-def gradients_at_tasks(s: E.VisionSetup, A: dict) -> list[dict]:
-    return [cache.cached("vision-grad", {"ft": c, "n": s.mismatch_examples, "theta": "task"},
-                         lambda ft=ft, t=t, tr=tr: E.summed_gradient(s, ft["backbone"], ft["head"], t, tr))
-            for ft, c, t, tr in zip(A["finetuned"], A["ft_cfgs"], s.tasks, A["trains"])]
-
-
-def sweep(s: E.VisionSetup, method: str, base: StateDict, bbs: Sequence[StateDict], score: Scorer,
-          fishers=None, sizes=None, stats=None, alphas: Sequence[float] | None = None) -> pd.DataFrame:
-    """Every (alpha, knobs) point of a method: normalised accuracy per split, merge seconds."""
-    rows = []
-    m = get_method(method)
-    for knobs in _grid(method):
-        for a in m.grid(alphas or s.alphas):
-            t = time.perf_counter()
-            merged = P.merge(s, method, base, bbs, a, fishers=fishers, sizes=sizes, stats=stats, **knobs)
-            sec = time.perf_counter() - t
-            r = score(merged)
-            rows.append({"method": method, "alpha": a, "knobs": knobs, "merge_seconds": sec,
-                         "val": _mean(r["val"]), "test": _mean(r["test"]),
-                         "test_tasks": r["test"], "test_acc": stat.mean(r["test_acc"]), "merged": merged})
-    return pd.DataFrame(rows)
-
-
-def _mean(xs: Sequence[float]) -> float:
-    """Mean over the tasks whose own model is above 0 on the split (NaN entries left out)."""
-    xs = [x for x in xs if x == x]
-    return stat.mean(xs) if xs else float("nan")
-
-
-def _or(x: float, default: float) -> float:
-    return default if x != x else x
-
-
-def pick(df: pd.DataFrame) -> pd.Series:
-    """The row with the best mean normalised validation accuracy (first one on ties)."""
-    return df.loc[df["val"].fillna(-1.0).idxmax()]
-
-
-def leaderboard(s: E.VisionSetup | None = None, progress: bool = False, wemoe_steps: int | None = None) -> pd.DataFrame:
-    """One row per registered method (plus WEMoE, marked dynamic): knobs picked on validation,
-    normalised test accuracy (mean and per task), alpha spread, mismatch, costs."""
-    s = s or E.setup()
-    with V.fast_cpu():
-        A = E.artifacts(s, progress)
-        fts, cfgs, trains, names = A["finetuned"], A["ft_cfgs"], A["trains"], A["names"]
-        bbs = [ft["backbone"] for ft in fts]
-        score = Scorer(s, [ft["head"] for ft in fts], bbs, A["tests"])
-        at_task = gradients_at_tasks(s, A)
-        rows = []
-        for name, m in METHODS.items():
-            if any(st not in STATISTICS for st in m.stats):
-                continue  # a statistic the benchmark cannot compute yet: add it to STATISTICS
-            got = {st: [task_statistic(s, st, ft, c, t, tr) for ft, c, t, tr in zip(fts, cfgs, s.tasks, trains)]
-                   for st in m.stats}
-            vals = {st: [g["value"] for g in v] for st, v in got.items()}
-            fishers = vals.pop("fishers", None)
-            df = sweep(s, name, A["base"], bbs, score, fishers, A["sizes"], vals)
-            best = pick(df)
-            at_knobs = df[df["knobs"].apply(lambda k: k == best["knobs"])]
-            stat_sec = sum(g["seconds"] for v in got.values() for g in v)
-            stat_steps = sum(g["seconds"] / g["step"] for v in got.values() for g in v)
-            rows.append({"method": name, "label": m.label, "alpha": best["alpha"] if len(at_knobs) > 1 else None,
-                         "knobs": best["knobs"], "val": best["val"], "test": best["test"],
-                         **dict(zip(names, best["test_tasks"])),
-                         "alpha_spread": at_knobs["test"].max() - at_knobs["test"].min(),
-                         "mismatch": mismatch_norm(s, best["merged"], fts, trains, at_task),
-                         "stat_seconds": stat_sec, "stat_steps": stat_steps,
-                         "merge_seconds": float(df["merge_seconds"].median()), "extra_params": 0, "dynamic": False})
-        rows.append(wemoe_row(s, A, score, rows, names, wemoe_steps))
-    return pd.DataFrame(rows).set_index("method")
-
-
-def wemoe_row(s: E.VisionSetup, A: dict, score: Scorer, rows: list[dict], names, steps: int | None) -> dict:
-    """WEMoE with lam = task arithmetic's validated alpha, routers adapted on the unlabeled test
-    inputs (test-time training, as in the paper); the number of adaptation steps is a knob chosen
-    on validation among 0 (task arithmetic), steps/3, 2 steps/3 and steps."""
-    from .wemoe import adapt, build, extra_parameters, forward_flops
-    lam = next(r for r in rows if r["method"] == "task_arithmetic")["alpha"]
-    steps = steps if steps is not None else {"tiny": 3, "small": 30, "full": 500}[s.scale]
-    moe = build(V.make_backbone(s.vit), A["base"], [ft["backbone"] for ft in A["finetuned"]],
-                lam=lam, init=lam).to(s.device)
-    heads = [h.eval().requires_grad_(False) for h in score.ev["test"].heads]
-    _, test = splits(A["tests"])
-    unlabeled = [[x.to(s.device) for x, _ in V.loader(t, s.batch_size, shuffle=True, seed=s.seed)] for t in test]
-
-    def normalised() -> dict[str, list[float]]:
-        return {k: [V.accuracy(V.TaskModel(moe, h), ds, device=s.device) / own if own > 0 else float("nan")
-                    for h, ds, own in zip(ev.heads, ev.tests, score.own[k])] for k, ev in score.ev.items()}
-    torch.manual_seed(s.seed)
-    done, sec, losses = 0, 0.0, []
-    points = [(0, 0.0, normalised())]  # (steps, adaptation seconds so far, normalised accuracies)
-    for target in sorted({max(1, steps // 3), max(1, 2 * steps // 3), steps}):
-        t0 = time.perf_counter()
-        losses += adapt(moe, heads, unlabeled, steps=target - done, lr=1e-3)
-        sec += time.perf_counter() - t0
-        done = target
-        points.append((done, sec, normalised()))
-    best_steps, best_sec, res = max(points, key=lambda p: _or(_mean(p[2]["val"]), -1.0))
-    extra = extra_parameters(moe)
-    fl = forward_flops(moe, (s.vit.img_size // s.vit.patch_size) ** 2 + 1)
-    return {"method": "wemoe", "label": "WEMoE (dynamic)", "alpha": lam, "knobs": {"steps": best_steps},
-            "val": _mean(res["val"]), "test": _mean(res["test"]), **dict(zip(names, res["test"])),
-            "alpha_spread": None, "mismatch": None, "stat_seconds": best_sec, "stat_steps": None,
-            "merge_seconds": None, "extra_params": extra["task_vectors"] + extra["routers"], "dynamic": True,
-            "mlp_cost_ratio": fl["wemoe_mlp"] / fl["merged_mlp"],
-            "test_by_steps": {n: _mean(r["test"]) for n, _, r in points},
-            "entropy_first_last": (losses[0], losses[-1])}
+def gradient_at_task(s: E.VisionSetup, ft: dict, ft_cfg: dict, task: V.Task, train) -> dict[str, Tensor]:
+    """grad lbar_t(theta_t) of a task model (cached)."""
+    return cache.cached("related-grad", {"ft": ft_cfg, "n": s.mismatch_examples},
+                        lambda: E.summed_gradient(s, ft["backbone"], ft["head"], task, train))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +403,7 @@ IVON_KNOBS = {"lr": 0.2, "hess_init": 1.0, "beta2": 0.9, "weight_decay": 1e-6, "
 IVON_ESS_FACTOR = 20.0  # ess = factor * N_t (a tempered posterior); H_t = N_t h for the merge
 
 
-def ivon_finetune(s: E.VisionSetup, base: StateDict, base_cfg: dict, task: V.Task, train) -> dict:
+def ivon_finetune(s: E.VisionSetup, base: StateDict, base_cfg: dict, task: V.Task, train) -> tuple[dict, dict]:
     """theta_t, its head and IVON's Hessian h of the backbone (H_t = N_t h), fine-tuned from theta_0."""
     from .ivon import finetune
     n = len(train)
@@ -258,9 +416,9 @@ def ivon_finetune(s: E.VisionSetup, base: StateDict, base_cfg: dict, task: V.Tas
         model = V.TaskModel(bb, V.make_head(s.vit, task.n_classes, seed=s.seed)).to(s.device)
         data = V._cycle(V.loader(train, s.batch_size, shuffle=True, seed=s.seed))
         batches = ((x.to(s.device), y.to(s.device)) for x, y in data)
-        t = time.perf_counter()
+        t = clock(s)
         h = finetune(model, batches, steps=E._steps(s, n), ess=IVON_ESS_FACTOR * n, seed=s.seed, **IVON_KNOBS)
-        sec = time.perf_counter() - t
+        sec = clock(s) - t
         return {"backbone": {k: v.cpu() for k, v in model.backbone.state_dict().items()},
                 "head": {k: v.cpu() for k, v in model.head.state_dict().items()},
                 "hess": {k: v.cpu() for k, v in V.backbone_keys(h).items()}, "seconds": sec}
@@ -268,63 +426,64 @@ def ivon_finetune(s: E.VisionSetup, base: StateDict, base_cfg: dict, task: V.Tas
 
 
 def ivon_study(s: E.VisionSetup | None = None, progress: bool = False) -> pd.DataFrame:
-    """Gradient matching of IVON-trained models with H_t from IVON (free), from a post-hoc MC
-    Fisher and from the exact Fisher: alpha on validation, normalised test accuracy, costs."""
-    from .curvature import fisher
+    """One seed, the `study_tasks`: gradient matching of IVON-trained models with H_t from IVON
+    (free) and from a post-hoc MC Fisher, and their task arithmetic; alpha on validation,
+    normalised test accuracy, the cost per task, and both optimisers' own test accuracy."""
     s = s or E.setup()
     with V.fast_cpu():
         A = E.artifacts(s, progress)
-        ivs = [ivon_finetune(s, A["base"], A["base_cfg"], t, tr) for t, tr in zip(s.tasks, A["trains"])]
-        fts, cfgs = [i[0] for i in ivs], [i[1] for i in ivs]
-        bbs = [ft["backbone"] for ft in fts]
-        score = Scorer(s, [ft["head"] for ft in fts], bbs, A["tests"])
-        sources = {"IVON (free)": [{"value": ft["hess"], "seconds": 0.0, "step": 1.0} for ft in fts]}
-        for kind in ("mc", "exact"):
-            sk = replace(s, fisher_kind=kind)
-            sources[f"{kind} Fisher (post hoc)"] = [
-                task_statistic(sk, "fishers", ft, {**c, "ivon": True}, t, tr)
-                for ft, c, t, tr in zip(fts, cfgs, s.tasks, A["trains"])]
-        rows = []
-        for src, got in sources.items():
-            df = sweep(s, "gradient_matching", A["base"], bbs, score, [g["value"] for g in got], A["sizes"])
-            best = pick(df)
-            rows.append({"H_t": src, "alpha": best["alpha"], "val": best["val"], "test": best["test"],
-                         "alpha_spread": df["test"].max() - df["test"].min(),
-                         "stat_seconds": sum(g["seconds"] for g in got),
-                         "stat_steps": sum(g["seconds"] / g["step"] for g in got)})
-        ta = sweep(s, "task_arithmetic", A["base"], bbs, score)
-        best = pick(ta)
-        rows.append({"H_t": "none (task arithmetic)", "alpha": best["alpha"], "val": best["val"],
-                     "test": best["test"], "alpha_spread": ta["test"].max() - ta["test"].min(),
-                     "stat_seconds": 0.0, "stat_steps": 0.0})
-        own = [V.accuracy(V.task_model(s.vit, ft["backbone"], ft["head"], t.n_classes), te)
-               for ft, t, te in zip(fts, s.tasks, A["tests"])]
-        adam = [V.accuracy(V.task_model(s.vit, ft["backbone"], ft["head"], t.n_classes), te)
-                for ft, t, te in zip(A["finetuned"], s.tasks, A["tests"])]
-    out = pd.DataFrame(rows).set_index("H_t")
-    out.attrs.update(ivon_individual=stat.mean(own), adamw_individual=stat.mean(adam),
-                     ivon_train_seconds=sum(ft["seconds"] for ft in fts))
-    return out
+        s, A = subset(s, A, study_tasks(s, A))
+        df = _table(s, A, "ivon", lambda: _ivon(s, A), ivon=[IVON_KNOBS, IVON_ESS_FACTOR])
+    return df.set_index("H_t")
+
+
+def _ivon(s: E.VisionSetup, A: dict) -> list[dict]:
+    step = unit_step(s, A)
+    ivs = [ivon_finetune(s, A["base"], A["base_cfg"], t, tr) for t, tr in zip(s.tasks, A["trains"])]
+    fts, cfgs = [i[0] for i in ivs], [i[1] for i in ivs]
+    bbs = [ft["backbone"] for ft in fts]
+    score = Scorer(s, [ft["head"] for ft in fts], bbs, A["vals"], A["tests"])
+    mc = [task_statistic(s, "fishers", ft, {**c, "ivon": True}, t, tr)
+          for ft, c, t, tr in zip(fts, cfgs, s.tasks, A["trains"])]
+    sources = {"IVON (free)": ([ft["hess"] for ft in fts], 0.0),
+               "MC Fisher (post hoc)": ([g["value"] for g in mc], stat.mean(g["seconds"] for g in mc))}
+    rows = []
+    for src, (hs, sec) in sources.items():
+        r = sweep(s, "gradient_matching", A["base"], bbs, score, A["names"], hs, A["sizes"])
+        rows.append({"H_t": src, **r, "stat_seconds": sec, "stat_steps": sec / step})
+    r = sweep(s, "task_arithmetic", A["base"], bbs, score, A["names"])
+    rows.append({"H_t": "none (task arithmetic)", **r, "stat_seconds": 0.0, "stat_steps": 0.0})
+    adam = E.Evaluator(s, [ft["head"] for ft in A["finetuned"]], A["tests"])
+    own_adamw = stat.mean(adam(ft["backbone"], [i])[i] for i, ft in enumerate(A["finetuned"]))
+    for r in rows:
+        r.update(own_ivon=stat.mean(score.own["test"]), own_adamw=own_adamw,
+                 tasks=" + ".join(A["names"]))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
 # Weight Scope Alignment: fine-tuning with and without the scope regulariser
 # ---------------------------------------------------------------------------------------------
 
-def scope_finetune(s: E.VisionSetup, base: StateDict, base_cfg: dict, task: V.Task, train, strength: float):
-    """theta_t fine-tuned as in the experiment plus strength * R (target: theta_0's scopes)."""
+def scope_finetune(s: E.VisionSetup, base: StateDict, base_cfg: dict, task: V.Task, train,
+                   strength: float) -> tuple[dict, dict]:
+    """theta_t fine-tuned by chapter 5's recipe (`E.finetune`: linear probe, then the backbone at
+    finetune_lr, the head at head_lr, prior delta / N_t) plus strength * R toward theta_0's
+    scopes. With strength 0 it is chapter 5's model (tests/test_related.py checks it)."""
     from .scope import attached, scope
     n = len(train)
     cfg = {"base": base_cfg, "task": V.config_dict(task), "epochs": s.finetune_epochs, "lr": s.finetune_lr,
-           "delta": s.delta, "n": n, "seed": s.seed, "wsa": strength}
+           "head_lr": s.head_lr, "delta": s.delta, "n": n, "seed": s.seed, "probe": True, "wsa": strength}
 
     def compute():
-        bb = V.make_backbone(s.vit)
-        bb.load_state_dict(base)
-        head = V.make_head(s.vit, task.n_classes, seed=s.seed)
-        with attached(bb, scope(base), strength):
-            V.fit(bb, [head], [train], steps=E._steps(s, n), batch_size=s.batch_size, lr=s.finetune_lr,
-                  seed=s.seed, prior=base, prior_precision=s.delta / n, device=s.device, progress=False)
+        with V.fast_cpu():  # as E.artifacts runs E.finetune (oneDNN's kernels give other floats)
+            bb = V.make_backbone(s.vit)
+            bb.load_state_dict(base)
+            head = V.linear_probe(bb, V.make_head(s.vit, task.n_classes, seed=s.seed), train, device=s.device)
+            with attached(bb, scope(base), strength):
+                V.fit(bb, [head], [train], steps=E._steps(s, n), batch_size=s.batch_size, lr=s.finetune_lr,
+                      head_lr=s.head_lr, seed=s.seed, prior=base, prior_precision=s.delta / n,
+                      device=s.device, progress=False)
         return {"backbone": {k: v.cpu() for k, v in bb.state_dict().items()},
                 "head": {k: v.cpu() for k, v in head.state_dict().items()}}
     return cache.cached("related-wsa", cfg, compute), cfg
@@ -337,29 +496,39 @@ def scope_spread(base: StateDict, bbs: Sequence[StateDict]) -> float:
     return stat.mean((max(x[k][1] for x in scs) - min(x[k][1] for x in scs)) / sc0[k][1] for k in sc0)
 
 
-def scope_study(s: E.VisionSetup | None = None, strength: float = 1.0, progress: bool = False) -> pd.DataFrame:
-    """Averaging, task arithmetic and gradient matching of models fine-tuned without / with WSA:
-    validated normalised test accuracy, the mismatch at alpha = 1 and the scopes' spread."""
+SCOPE_METHODS = ("average", "task_arithmetic", "gradient_matching")
+WSA_STRENGTH = 1.0  # weight of R beside the mean cross-entropy of a batch
+
+
+def scope_study(s: E.VisionSetup | None = None, strength: float = WSA_STRENGTH,
+                progress: bool = False) -> pd.DataFrame:
+    """One seed, the `study_tasks`: averaging, task arithmetic and gradient matching of chapter 5's
+    models and of the same tasks fine-tuned with WSA (the same recipe otherwise): alpha on
+    validation, normalised test accuracy, the mismatch at alpha = 1 and the scopes' spread."""
     s = s or E.setup()
     with V.fast_cpu():
         A = E.artifacts(s, progress)
-        runs = {"without": (A["finetuned"], A["ft_cfgs"]),
-                "with WSA": tuple(map(list, zip(*[scope_finetune(s, A["base"], A["base_cfg"], t, tr, strength)
-                                                  for t, tr in zip(s.tasks, A["trains"])])))}
-        rows = []
-        for label, (fts, cfgs) in runs.items():
-            bbs = [ft["backbone"] for ft in fts]
-            score = Scorer(s, [ft["head"] for ft in fts], bbs, A["tests"])
-            fishers = [task_statistic(s, "fishers", ft, c, t, tr)["value"]
-                       for ft, c, t, tr in zip(fts, cfgs, s.tasks, A["trains"])]
-            at_task = [cache.cached("vision-grad", {"ft": c, "n": s.mismatch_examples, "theta": "task"},
-                                    lambda ft=ft, t=t, tr=tr: E.summed_gradient(s, ft["backbone"], ft["head"], t, tr))
-                       for ft, c, t, tr in zip(fts, cfgs, s.tasks, A["trains"])]
-            for m in ("average", "task_arithmetic", "gradient_matching"):
-                df = sweep(s, m, A["base"], bbs, score, fishers, A["sizes"])
-                best = pick(df)
-                at1 = P.merge(s, m, A["base"], bbs, 1.0, fishers=fishers, sizes=A["sizes"])
-                rows.append({"fine-tuning": label, "method": m, "alpha": best["alpha"], "test": best["test"],
-                             "mismatch_alpha1": mismatch_norm(s, at1, fts, A["trains"], at_task),
-                             "scope_spread": scope_spread(A["base"], bbs)})
-    return pd.DataFrame(rows).set_index(["fine-tuning", "method"])
+        s, A = subset(s, A, study_tasks(s, A))
+        df = _table(s, A, "wsa", lambda: _scope(s, A, strength), strength=strength, methods=SCOPE_METHODS)
+    return df.set_index(["fine-tuning", "method"])
+
+
+def _scope(s: E.VisionSetup, A: dict, strength: float) -> list[dict]:
+    wsa = [scope_finetune(s, A["base"], A["base_cfg"], t, tr, strength) for t, tr in zip(s.tasks, A["trains"])]
+    wsa_fishers = [task_statistic(s, "fishers", ft, c, t, tr)["value"]
+                   for (ft, c), t, tr in zip(wsa, s.tasks, A["trains"])]
+    runs = {"without": (A["finetuned"], A["ft_cfgs"], A["fishers"]),
+            "with WSA": ([w[0] for w in wsa], [w[1] for w in wsa], wsa_fishers)}
+    rows = []
+    for label, (fts, cfgs, fishers) in runs.items():
+        bbs = [ft["backbone"] for ft in fts]
+        score = Scorer(s, [ft["head"] for ft in fts], bbs, A["vals"], A["tests"])
+        at_task = [gradient_at_task(s, ft, c, t, tr) for ft, c, t, tr in zip(fts, cfgs, s.tasks, A["trains"])]
+        spread = scope_spread(A["base"], bbs)
+        for m in SCOPE_METHODS:
+            r = sweep(s, m, A["base"], bbs, score, A["names"], fishers, A["sizes"])
+            at1 = P.merge(s, m, A["base"], bbs, 1.0, fishers=fishers, sizes=A["sizes"])
+            rows.append({"fine-tuning": label, "method": m, "alpha": r["alpha"], "val": r["val"],
+                         "test": r["test"], "mismatch_alpha1": mismatch_norm(s, at1, fts, A["trains"], at_task),
+                         "scope_spread": spread, "tasks": " + ".join(A["names"])})
+    return rows

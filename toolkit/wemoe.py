@@ -9,7 +9,7 @@ Every parameter outside the MLPs is merged by task arithmetic, theta_0 + lam sum
 with W_0 the pretrained MLP. The router's last layer starts at weight 0 and bias `init` (so at first
 the MLP is task arithmetic with lam = init) and is trained at test time on unlabeled inputs by
 minimising the entropy of each task's predictions (`adapt`). Each linear layer's output is
-F.linear(x, W_0, b_0) + sum_t r_t (x tau_W,t^T + tau_b,t), computed batched.
+x W_b^T + b_b with W_b = W_0 + sum_t r_bt tau_W,t and b_b = b_0 + sum_t r_bt tau_b,t, formed per example.
 """
 from __future__ import annotations
 
@@ -26,7 +26,13 @@ from .merge import task_arithmetic
 
 
 class MoELinear(nn.Module):
-    """A linear layer W_0 + sum_t r_t tau_t with r [B, T] set by the enclosing WEMoEMLP."""
+    """A linear layer W_0 + sum_t r_t tau_t with r [B, T] set by the enclosing WEMoEMLP.
+
+    Each example's weights W_b = W_0 + sum_t r_bt tau_t are formed once and applied to all its
+    tokens: T + tokens multiply-adds per weight instead of (1 + T) tokens for every expert on every
+    token; `chunk` bounds the memory of the per-example weights (elements at a time)."""
+
+    chunk = 2 ** 24
 
     def __init__(self, base: nn.Linear, taus_w: Tensor, taus_b: Tensor | None):
         super().__init__()
@@ -37,12 +43,20 @@ class MoELinear(nn.Module):
         self.r: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.linear(x, self.weight, self.bias)
-        r = self.r.view(self.r.shape[0], *([1] * (x.dim() - 2)), self.r.shape[1]).to(x.dtype)  # [B, ..., T]
-        delta = torch.einsum("b...i,toi->b...to", x, self.taus_w)
-        if self.taus_b is not None:
-            delta = delta + self.taus_b
-        return out + (r.unsqueeze(-1) * delta).sum(-2)
+        B, T = self.r.shape
+        out_f, in_f = self.weight.shape
+        xs = x.reshape(B, -1, in_f)  # [B, tokens, in]
+        flat = self.taus_w.reshape(T, -1).to(x.dtype)
+        per = max(1, self.chunk // self.weight.numel())
+        ys = []
+        for i in range(0, B, per):
+            r = self.r[i:i + per].to(x.dtype)
+            w = (r @ flat).view(-1, out_f, in_f) + self.weight  # [b, out, in]
+            y = torch.bmm(xs[i:i + per], w.transpose(1, 2))
+            if self.taus_b is not None:
+                y = y + (r @ self.taus_b.to(x.dtype)).unsqueeze(1)
+            ys.append(y if self.bias is None else y + self.bias)
+        return torch.cat(ys).view(*x.shape[:-1], out_f)
 
 
 class WEMoEMLP(nn.Module):
@@ -155,13 +169,14 @@ def extra_parameters(model: nn.Module) -> dict[str, int]:
 
 
 def forward_flops(model: nn.Module, tokens: int) -> dict[str, int]:
-    """Multiply-adds per example of the MLPs with T experts vs one merged MLP (tokens per example)."""
+    """Multiply-adds per example of the MLPs with T experts vs one merged MLP (tokens per example):
+    per linear layer, forming W_b costs T out in and applying it tokens out in; plus the routers."""
     plain = moe = 0
     for m in model.modules():
         if isinstance(m, MoELinear):
             T, o, i = m.taus_w.shape
             plain += tokens * o * i
-            moe += tokens * o * i * (1 + T)
+            moe += (tokens + T) * o * i
         elif isinstance(m, WEMoEMLP):
             moe += tokens * sum(l.in_features * l.out_features for l in m.router if isinstance(l, nn.Linear))
     return {"merged_mlp": plain, "wemoe_mlp": moe}
