@@ -38,6 +38,8 @@ def test_leaderboard_has_a_row_per_registered_method_and_wemoe(extra_method, cac
     for m in ("regmean", "masknode_average", "fisher_average", "gradient_matching"):
         assert lb.loc[m, "stat_seconds"] > 0 and lb.loc[m, "stat_steps"] > 0
     assert lb.loc["task_arithmetic", "stat_seconds"] == 0
+    static = lb.drop(index="wemoe")  # every merged model has its gradient mismatch, WEMoE none
+    assert (static["mismatch"].astype(float) > 0).all() and pd.isna(lb.loc["wemoe", "mismatch"])
     assert set(lb.loc["wemoe", "val_by_steps"]) == {0, 1, 2}
     assert (lb["seed"] == s.seed).all()
 
@@ -87,6 +89,7 @@ def test_summary_is_mean_and_sd_over_seeds():
     lb = pd.DataFrame({"method": ["a", "a", "b", "b"], "seed": [0, 1, 0, 1], "label": ["A", "A", "B", "B"],
                        "test": [0.9, 0.8, 0.7, 0.7], "alpha": [0.3, 1.0, None, None],
                        "knobs": [{}, {}, {"p": 0.3}, {"p": 0.7}], "val": [1.0] * 4, "alpha_spread": [0.1] * 4,
+                       "mismatch": [2.0, 4.0, None, None],
                        "stat_seconds": [0.0] * 4, "stat_steps": [0.0] * 4, "merge_seconds": [0.1] * 4,
                        "extra_params": [0] * 4, "dynamic": [False] * 4})
     res = R.summary(lb)
@@ -94,6 +97,7 @@ def test_summary_is_mean_and_sd_over_seeds():
     assert res.loc["a", "test"] == pytest.approx(0.85) and res.loc["a", "test sd"] == pytest.approx(0.0707, abs=1e-4)
     assert res.loc["a", "alpha per seed"] == "0.3 1" and res.loc["b", "alpha per seed"] == "- -"
     assert res.loc["b", "knobs per seed"] == "0.3 0.7" and res.loc["a", "seeds"] == 2
+    assert res.loc["a", "mismatch"] == pytest.approx(3.0) and pd.isna(res.loc["b", "mismatch"])
     assert R.plus_minus(0.85, float("nan")) == "0.850" and R.plus_minus(0.85, 0.07) == "0.850 ± 0.070"
 
 

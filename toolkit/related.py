@@ -30,7 +30,7 @@ from .mismatch import gradient_mismatch, total_norm
 from .scale import pick as by_scale
 
 StateDict = Mapping[str, Tensor]
-VERSION = 3  # of the tables cached here: bump when what they hold changes meaning
+VERSION = 4  # of the tables cached here: bump when what they hold changes meaning
 KNOBS: dict[str, dict[str, tuple]] = {"ties": {"density": (0.2, 0.5)}, "dare": {"p": (0.3, 0.7)},
                                       "regmean": {"off_diag": (0.5, 0.9, 1.0)}}
 
@@ -205,7 +205,8 @@ def sweep(s: E.VisionSetup, method: str, base: StateDict, bbs: Sequence[StateDic
           names: Sequence[str], fishers=None, sizes=None, stats=None) -> dict[str, Any]:
     """Every (knobs, alpha) point of a method scored on validation; the best one on test:
     alpha, knobs, val, test (mean normalised), test per task, raw test accuracy, the spread of
-    the validation score over alpha at the chosen knobs, the median merge seconds."""
+    the validation score over alpha at the chosen knobs, the median merge seconds, and the chosen
+    merged backbone ("merged")."""
     m, rows, merged = get_method(method), [], {}
     for knobs in _grid(method):
         for a in m.grid(s.alphas):
@@ -223,7 +224,7 @@ def sweep(s: E.VisionSetup, method: str, base: StateDict, bbs: Sequence[StateDic
             "test": _mean(test), **dict(zip(names, test)),
             "test_acc": stat.mean(a * o for a, o in zip(test, score.own["test"])),
             "alpha_spread": float(at_knobs.max() - at_knobs.min()),
-            "merge_seconds": float(df["merge_seconds"].median())}
+            "merge_seconds": float(df["merge_seconds"].median()), "merged": merged}
 
 
 def _table(s: E.VisionSetup, A: dict, what: str, compute: Callable[[], list[dict]], **extra: Any) -> pd.DataFrame:
@@ -266,6 +267,8 @@ def _leaderboard(s: E.VisionSetup, A: dict, wemoe_steps: int) -> list[dict]:
     names, bbs = A["names"], [ft["backbone"] for ft in A["finetuned"]]
     score = Scorer(s, [ft["head"] for ft in A["finetuned"]], bbs, A["vals"], A["tests"])
     step = unit_step(s, A)
+    at_task = [gradient_at_task(s, ft, c, t, tr)
+               for ft, c, t, tr in zip(A["finetuned"], A["ft_cfgs"], s.tasks, A["trains"])]
     rows = []
     for name, m in METHODS.items():
         if any(st not in STATISTICS for st in m.stats):
@@ -275,6 +278,7 @@ def _leaderboard(s: E.VisionSetup, A: dict, wemoe_steps: int) -> list[dict]:
         fishers = vals.pop("fishers", None)
         sec = sum(t for _, t in got.values())
         r = sweep(s, name, A["base"], bbs, score, names, fishers, A["sizes"], vals)
+        r["mismatch"] = mismatch_norm(s, r.pop("merged"), A["finetuned"], A["trains"], at_task)
         rows.append({"method": name, "label": m.label, **r, "stat_seconds": sec, "stat_steps": sec / step,
                      "extra_params": 0, "dynamic": False})
     lam = next(r["alpha"] for r in rows if r["method"] == "task_arithmetic")
@@ -322,7 +326,7 @@ def wemoe_row(s: E.VisionSetup, A: dict, score: Scorer, lam: float, steps: int, 
     return {"method": "wemoe", "label": "WEMoE (dynamic)", "alpha": lam, "knobs": {"steps": best},
             "val": val, "test": _mean(test), **dict(zip(A["names"], test)),
             "test_acc": stat.mean(a * o for a, o in zip(test, score.own["test"])), "alpha_spread": None,
-            "merge_seconds": built, "stat_seconds": best_sec, "stat_steps": best_sec / step,
+            "mismatch": None, "merge_seconds": built, "stat_seconds": best_sec, "stat_steps": best_sec / step,
             "adapt_steps": steps, "adapt_cost": sec / step,
             "extra_params": extra["task_vectors"] + extra["routers"], "dynamic": True,
             "mlp_cost_ratio": fl["wemoe_mlp"] / fl["merged_mlp"],
@@ -340,7 +344,8 @@ def summary(lb: pd.DataFrame, names: Sequence[str] = ()) -> pd.DataFrame:
     out = pd.DataFrame({"label": g["label"].first(), "test": g["test"].mean(), "test sd": g["test"].std(ddof=1),
                         **{n: g[n].mean() for n in names}, "alpha per seed": g["alpha"].apply(join),
                         "knobs per seed": g["knobs"].apply(join), "val": g["val"].mean(),
-                        "alpha spread": g["alpha_spread"].mean(), "stat seconds": g["stat_seconds"].mean(),
+                        "alpha spread": g["alpha_spread"].mean(), "mismatch": g["mismatch"].mean(),
+                        "stat seconds": g["stat_seconds"].mean(),
                         "stat steps": g["stat_steps"].mean(), "merge seconds": g["merge_seconds"].mean(),
                         "extra params": g["extra_params"].first(), "dynamic": g["dynamic"].first(),
                         "seeds": g["seed"].nunique()})
@@ -450,8 +455,10 @@ def _ivon(s: E.VisionSetup, A: dict) -> list[dict]:
     rows = []
     for src, (hs, sec) in sources.items():
         r = sweep(s, "gradient_matching", A["base"], bbs, score, A["names"], hs, A["sizes"])
+        del r["merged"]
         rows.append({"H_t": src, **r, "stat_seconds": sec, "stat_steps": sec / step})
     r = sweep(s, "task_arithmetic", A["base"], bbs, score, A["names"])
+    del r["merged"]
     rows.append({"H_t": "none (task arithmetic)", **r, "stat_seconds": 0.0, "stat_steps": 0.0})
     adam = E.Evaluator(s, [ft["head"] for ft in A["finetuned"]], A["tests"])
     own_adamw = stat.mean(adam(ft["backbone"], [i])[i] for i, ft in enumerate(A["finetuned"]))
