@@ -252,6 +252,16 @@ def test_adding_source_diagnostics(adding):
         AD.setup("tiny", ks=(0, 1))
 
 
+def test_adding_artifacts_come_from_the_cache(adding, tiny_cache, monkeypatch):
+    AD, s, df, A = adding
+    import toolkit.curvature
+    monkeypatch.setenv("TOOLKIT_CACHE", str(tiny_cache))
+    monkeypatch.setattr(V, "fit", lambda *a, **k: pytest.fail("retrained although cached"))
+    monkeypatch.setattr(toolkit.curvature, "fisher", lambda *a, **k: pytest.fail("Fisher recomputed"))
+    again = AD.artifacts(s)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(again["fishers"], A["fishers"]) for k in a)
+
+
 def test_taylor_is_exact_for_a_quadratic():
     from toolkit.experiments import adding as AD
     h, own, theta = torch.tensor([2.0, 0.5]), torch.tensor([1.0, -1.0]), torch.tensor([0.0, 3.0])

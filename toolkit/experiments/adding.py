@@ -132,10 +132,10 @@ def artifacts(s: AddingSetup) -> dict[str, Any]:
         targets = {k: _train(s, base, ConcatDataset(trains[:k + 1]), f"all-data {k}",
                              {**key, "target": k, "seed": s.seed}) for k in s.ks}
 
-        def fisher_of(i):
+        def fisher_of(i):  # a plain dict: the cache loads with weights_only=True
             loader = V.loader(trains[i], s.suite.batch_size)
-            return fisher(_model(s, models[i]), loader, "mc", seed=s.seed, progress=False,
-                          max_examples=s.fisher_examples)
+            return dict(fisher(_model(s, models[i]), loader, "mc", seed=s.seed, progress=False,
+                               max_examples=s.fisher_examples))
         fishers = [cache.cached("adding-fisher", {**key, "source": i, "seed": s.seed,
                                                   "examples": s.fisher_examples}, lambda i=i: fisher_of(i))
                    for i in range(len(trains))]
@@ -193,10 +193,10 @@ def run(s: AddingSetup | None = None, progress: bool = False) -> pd.DataFrame:
     """One row per (added sets k, method): the validation-chosen alpha, test accuracy, accuracy
     of the all-data target, distance to it and gradient mismatch; plus rows for the target."""
     s = s or setup()
-    A = artifacts(s)
-    df = pd.DataFrame(_tables(s, A)["rows"])
+    df = pd.DataFrame(_tables(s)["rows"])
     df.insert(0, "seed", s.seed)
-    df["added"] = ["+".join(A["names"][1:r + 1]) for r in df["k"]]
+    names = [t.name for t, _ in s.sources]
+    df["added"] = ["+".join(names[1:r + 1]) for r in df["k"]]
     df["error"] = 1.0 - df["accuracy"]
     for c in ("alpha", "val_accuracy"):
         df[c] = pd.to_numeric(df[c]).astype(float)
@@ -205,7 +205,7 @@ def run(s: AddingSetup | None = None, progress: bool = False) -> pd.DataFrame:
 
 def _part(s: AddingSetup | None, part: str) -> pd.DataFrame:
     s = s or setup()
-    df = pd.DataFrame(_tables(s, artifacts(s))[part])
+    df = pd.DataFrame(_tables(s)[part])
     df.insert(0, "seed", s.seed)
     return df
 
@@ -226,10 +226,11 @@ def curves(s: AddingSetup | None = None) -> pd.DataFrame:
     return _part(s, "curves")
 
 
-def _tables(s: AddingSetup, A: Mapping[str, Any]) -> dict[str, list[dict]]:
-    """The rows of `run`, `sources` and `curves`, computed together and cached by the setup."""
+def _tables(s: AddingSetup) -> dict[str, list[dict]]:
+    """The rows of `run`, `sources` and `curves`, computed together (evaluations and gradients:
+    a minute per seed) and cached by the setup; the models are loaded only to compute them."""
     key = {"setup": V.config_dict(s), "methods": {m.name: m.defaults for m in P.methods()}}
-    return cache.cached("adding-table", key, lambda: _rows(s, A))  # evaluations, gradients: minutes
+    return cache.cached("adding-table", key, lambda: _rows(s, artifacts(s)))
 
 
 def _rows(s: AddingSetup, A: Mapping[str, Any]) -> dict[str, list[dict]]:
