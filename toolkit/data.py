@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
 from .errors import MergeError
 
@@ -113,6 +113,26 @@ def vit_transform(image_size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) ->
     import torchvision.transforms as T
     return T.Compose([T.Lambda(lambda im: im.convert("RGB")), T.Resize(image_size),
                       T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def as_tensors(ds: Dataset) -> tuple[Tensor, Tensor] | None:
+    """(inputs, labels) of an in-memory data set as two tensors: a TensorDataset of two tensors,
+    or Subsets and concatenations of them (what the small scales build); None for anything else
+    (torchvision sets read image by image), which callers then iterate with a DataLoader."""
+    if isinstance(ds, TensorDataset):
+        return tuple(ds.tensors) if len(ds.tensors) == 2 else None
+    if isinstance(ds, Subset):
+        inner = as_tensors(ds.dataset)
+        if inner is None:
+            return None
+        idx = torch.as_tensor(ds.indices, dtype=torch.long)
+        return inner[0][idx], inner[1][idx]
+    if isinstance(ds, ConcatDataset):
+        parts = [as_tensors(d) for d in ds.datasets]
+        if any(p is None for p in parts):
+            return None
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return None
 
 
 def cap(ds: Dataset, n: int | None, seed: int = 0) -> Dataset:

@@ -9,11 +9,14 @@ first k + 1 sources at once (same prior, same passes over every example):
 
     python -m toolkit.experiments adding --scale small --seed 0 --out results/adding.csv
 
-For every merge: test accuracy, ||theta - theta_{0:k}|| (distance to the all-data parameters) and
-||m(theta)||, m(theta) = sum_{t=0..k} [grad lbar_t(theta) - grad lbar_t(theta_t)] (toolkit.mismatch;
-at the all-data model it equals H_0 (theta_TA - theta_{0:k}), so it is not zero there either).
-Knobs (alpha) are chosen on validation examples carved from the sources' training data;
-accuracies are reported on the test split.
+For every k of `ks` (Figure 1's markers) and every method: test accuracy, ||theta - theta_{0:k}||
+(distance to the all-data parameters) and ||m(theta)||, m(theta) = sum_{t=0..k} [grad lbar_t(theta)
+- grad lbar_t(theta_t)] (toolkit.mismatch; at the all-data model it equals
+H_0 (theta_TA - theta_{0:k}), so it is not zero there either). Knobs (alpha) are chosen on
+validation examples carved from the sources' training data; only the chosen merge is evaluated
+on the test split. `sources` checks the two assumptions behind gradient matching on the cached
+models: is each theta_t stationary for its objective, and does H_t (theta - theta_t) predict the
+change of its gradient at the merge?
 """
 from __future__ import annotations
 
@@ -44,6 +47,12 @@ SOURCES = (
 )
 
 
+# the alpha grid at small: far past the target's own alpha_t = 1, because gradient matching's
+# validation accuracy keeps rising past it and then stays nearly flat (chapter 5)
+ALPHAS = (0.25, 0.5, 0.75, 1.0, 2.0, 4.0, 8.0)
+LIMIT = 1e6  # gradient matching's alpha -> infinity: theta_0 + (sum H_t)^-1 sum (H_0 + H_t) tau_t
+
+
 @dataclass(frozen=True, kw_only=True)
 class AddingSetup(P.Setup):
     """Every number the data-adding experiment depends on (cache keys hash parts of it);
@@ -53,7 +62,9 @@ class AddingSetup(P.Setup):
     epochs: float                # passes over each example, for fine-tunes and targets alike
     lr: float
     fisher_examples: int
-    mismatch_examples: int
+    mismatch_examples: int       # examples per source for the gradients of the mismatch
+    ks: tuple[int, ...]          # numbers of added sets compared (Figure 1's markers): the
+                                 # first k added sources merged, against their all-data target
 
 
 def setup(scale: str | None = None, seed: int = 0, **overrides: Any) -> AddingSetup:
@@ -66,9 +77,13 @@ def setup(scale: str | None = None, seed: int = 0, **overrides: Any) -> AddingSe
                                                      for t, n in SOURCES[:3])
     s = AddingSetup(scale=scale, seed=seed, suite=VB.setup(scale, seed=0), sources=sources,
                     epochs=p(2, 3), lr=p(1e-3, 3e-4), delta=1.0, fisher_examples=p(32, 256),
-                    mismatch_examples=p(32, 256), alphas=p((0.5, 1.0), (0.25, 0.5, 0.75, 1.0, 1.5)),
-                    device=P.default_device())
-    return replace(s, **overrides)
+                    mismatch_examples=p(32, 128), ks=p((1, 2), (1, 2, 4)),
+                    alphas=p((0.5, 1.0), ALPHAS), device=P.default_device())
+    s = replace(s, **overrides)
+    if not s.ks or any(not 1 <= k < len(s.sources) for k in s.ks) or list(s.ks) != sorted(set(s.ks)):
+        raise MergeError(f"ks must be increasing numbers of added sets in 1..{len(s.sources) - 1}, "
+                         f"got {s.ks}")
+    return s
 
 
 def _steps(s: AddingSetup, n: int) -> int:
@@ -115,12 +130,12 @@ def artifacts(s: AddingSetup) -> dict[str, Any]:
         models = [base] + [_train(s, base, tr, f"add {t.name}", {**key, "source": i, "seed": s.seed})
                            for i, ((t, _), tr) in enumerate(zip(s.sources, trains)) if i > 0]
         targets = {k: _train(s, base, ConcatDataset(trains[:k + 1]), f"all-data {k}",
-                             {**key, "target": k, "seed": s.seed}) for k in range(1, len(trains))}
+                             {**key, "target": k, "seed": s.seed}) for k in s.ks}
 
-        def fisher_of(i):
+        def fisher_of(i):  # a plain dict: the cache loads with weights_only=True
             loader = V.loader(trains[i], s.suite.batch_size)
-            return fisher(_model(s, models[i]), loader, "mc", seed=s.seed, progress=False,
-                          max_examples=s.fisher_examples)
+            return dict(fisher(_model(s, models[i]), loader, "mc", seed=s.seed, progress=False,
+                               max_examples=s.fisher_examples))
         fishers = [cache.cached("adding-fisher", {**key, "source": i, "seed": s.seed,
                                                   "examples": s.fisher_examples}, lambda i=i: fisher_of(i))
                    for i in range(len(trains))]
@@ -148,7 +163,7 @@ def _gradient(s: AddingSetup, sd: StateDict, data: Dataset) -> dict[str, Tensor]
     """grad of the SUMMED loss lbar over `data`, from its first mismatch_examples examples x N / n."""
     from ..train import loss_gradient
     n = min(len(data), s.mismatch_examples)
-    g = loss_gradient(_model(s, sd), V.loader(Subset(data, range(n)), s.suite.batch_size))
+    g = loss_gradient(_model(s, sd), V.eval_batches(Subset(data, range(n)), s.suite.batch_size))
     return {k: v * (len(data) / n) for k, v in g.items()}
 
 
@@ -157,42 +172,109 @@ def distance(a: StateDict, b: StateDict) -> float:
     return total_norm({k: a[k].double() - b[k].double() for k in a})
 
 
+def _dot(a: StateDict, b: StateDict) -> float:
+    return sum(float((a[k].double() * b[k].double()).sum()) for k in a)
+
+
+def taylor(moved: StateDict, at_own: StateDict, precision: StateDict, theta: StateDict,
+           own: StateDict) -> dict[str, float]:
+    """How well the first-order step behind gradient matching, grad lbar_t(theta) ~
+    grad lbar_t(theta_t) + H_t (theta - theta_t) with H_t = N_t F_t, predicts the measured change
+    d = grad lbar_t(theta) - grad lbar_t(theta_t): the cosine between d and the prediction, and
+    the ratio of their norms (1 and 1 where the quadratic picture holds)."""
+    d = {k: moved[k].double() - at_own[k].double() for k in moved}
+    pred = {k: precision[k].double() * (theta[k].double() - own[k].double()) for k in moved}
+    nd, npred = total_norm(d), total_norm(pred)
+    return {"taylor_cos": _dot(d, pred) / (nd * npred) if nd * npred > 0 else math.nan,
+            "taylor_ratio": npred / nd if nd > 0 else math.nan}
+
+
 def run(s: AddingSetup | None = None, progress: bool = False) -> pd.DataFrame:
     """One row per (added sets k, method): the validation-chosen alpha, test accuracy, accuracy
     of the all-data target, distance to it and gradient mismatch; plus rows for the target."""
     s = s or setup()
-    A = artifacts(s)
-    key = {"setup": V.config_dict(s), "methods": {m.name: m.defaults for m in P.methods()}}
-    rows = cache.cached("adding-table", key, lambda: _rows(s, A))  # mismatch and evaluations: minutes
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(_tables(s)["rows"])
     df.insert(0, "seed", s.seed)
-    df["added"] = ["+".join(A["names"][1:r + 1]) for r in df["k"]]
+    names = [t.name for t, _ in s.sources]
+    df["added"] = ["+".join(names[1:r + 1]) for r in df["k"]]
     df["error"] = 1.0 - df["accuracy"]
-    df["alpha"] = pd.to_numeric(df["alpha"]).astype(float)
+    for c in ("alpha", "val_accuracy"):
+        df[c] = pd.to_numeric(df[c]).astype(float)
     return df
 
 
-def _rows(s: AddingSetup, A: Mapping[str, Any]) -> list[dict]:
+def _part(s: AddingSetup | None, part: str) -> pd.DataFrame:
+    s = s or setup()
+    df = pd.DataFrame(_tables(s)[part])
+    df.insert(0, "seed", s.seed)
+    return df
+
+
+def sources(s: AddingSetup | None = None) -> pd.DataFrame:
+    """One row per source t: N_t; `stationarity`, ||grad lbar_t(theta_t) + delta tau_t|| /
+    ||grad lbar_t(theta_0)|| (0: theta_t minimises its objective lbar_t + delta/2 ||theta -
+    theta_0||^2, as the derivation assumes; 1: no progress from theta_0; not defined for theta_0's
+    own source), the norms of the gradient left and of the prior's pull delta tau_t, and `taylor`
+    at the chosen gradient-matching merge of all sources (largest k)."""
+    return _part(s, "sources")
+
+
+def curves(s: AddingSetup | None = None) -> pd.DataFrame:
+    """Validation accuracy at every point of every method's alpha grid, per k (the curves the
+    alphas of `run` are chosen on), and gradient matching's limit alpha -> infinity (alpha inf)
+    after all sets."""
+    return _part(s, "curves")
+
+
+def _tables(s: AddingSetup) -> dict[str, list[dict]]:
+    """The rows of `run`, `sources` and `curves`, computed together (evaluations and gradients:
+    a minute per seed) and cached by the setup; the models are loaded only to compute them."""
+    key = {"setup": V.config_dict(s), "methods": {m.name: m.defaults for m in P.methods()}}
+    return cache.cached("adding-table", key, lambda: _rows(s, artifacts(s)))
+
+
+def _rows(s: AddingSetup, A: Mapping[str, Any]) -> dict[str, list[dict]]:
+    """Per k: every method's alpha grid on validation (methods in which a common alpha cancels
+    have one point, so no validation run), the chosen merge on test, its distance to the all-data
+    target and its mismatch; the per-source diagnostics of `sources`."""
+    models, trains, sizes = A["models"], A["trains"], A["sizes"]
     with V.fast_cpu():
-        at_own = [_gradient(s, m, tr) for m, tr in zip(A["models"], A["trains"])]
-        rows = []
-        for k in range(1, len(A["trains"])):
-            target, trains = A["targets"][k], A["trains"][:k + 1]
+        at_own = [_gradient(s, m, tr) for m, tr in zip(models, trains)]
+        at_start = [None] + [_gradient(s, A["base"], tr) for tr in trains[1:]]  # fine-tunes' start
+        rows, curve, near = [], [], {}
+        for k in s.ks:
+            target, vals, tests = A["targets"][k], A["vals"][:k + 1], A["tests"][:k + 1]
             for method in P.methods():
                 grid = method.grid(s.alphas)
-                val = {a: _accuracy(s, merge(s, A, method, k, a), A["vals"][:k + 1]) for a in grid}
+                val = ({a: _accuracy(s, merge(s, A, method, k, a), vals) for a in grid}
+                       if len(grid) > 1 else {grid[0]: math.nan})
                 alpha = max(grid, key=lambda a: (val[a], -abs(a - 1.0)))  # ties: nearest the target's 1
+                curve += [{"k": k, "method": method.name, "alpha": a, "val_accuracy": v}
+                          for a, v in val.items() if len(grid) > 1]
                 merged = merge(s, A, method, k, alpha)
-                m = gradient_mismatch([_gradient(s, merged, tr) for tr in trains], at_own[:k + 1])
-                rows.append({"k": k, "method": method.name, "alpha": P.row_alpha(method, alpha), "val_accuracy": val[alpha],
-                             "accuracy": _accuracy(s, merged, A["tests"][:k + 1]),
-                             "distance": distance(merged, target), "mismatch": total_norm(m)})
-            m = gradient_mismatch([_gradient(s, target, tr) for tr in trains], at_own[:k + 1])
-            rows.append({"k": k, "method": "all_data", "alpha": None,
-                         "val_accuracy": _accuracy(s, target, A["vals"][:k + 1]),
-                         "accuracy": _accuracy(s, target, A["tests"][:k + 1]), "distance": 0.0,
-                         "mismatch": total_norm(m)})
-    return rows
+                at = [_gradient(s, merged, tr) for tr in trains[:k + 1]]
+                rows.append({"k": k, "method": method.name, "alpha": P.row_alpha(method, alpha),
+                             "val_accuracy": val[alpha], "accuracy": _accuracy(s, merged, tests),
+                             "distance": distance(merged, target),
+                             "mismatch": total_norm(gradient_mismatch(at, at_own[:k + 1]))})
+                if method.name == "gradient_matching" and k == s.ks[-1]:
+                    curve.append({"k": k, "method": method.name, "alpha": math.inf,
+                                  "val_accuracy": _accuracy(s, merge(s, A, method, k, LIMIT), vals)})
+                    near = {t: taylor(at[t], at_own[t], {q: sizes[t] * f for q, f in A["fishers"][t].items()},
+                                      merged, models[t]) for t in range(k + 1)}
+            at = [_gradient(s, target, tr) for tr in trains[:k + 1]]
+            rows.append({"k": k, "method": "all_data", "alpha": None, "val_accuracy": math.nan,
+                         "accuracy": _accuracy(s, target, tests), "distance": 0.0,
+                         "mismatch": total_norm(gradient_mismatch(at, at_own[:k + 1]))})
+    out = []
+    for t, name in enumerate(A["names"]):
+        tau = {q: models[t][q].double() - A["base"][q].double() for q in A["base"]}
+        resid = total_norm({q: at_own[t][q].double() + s.delta * tau[q] for q in tau})
+        out.append({"source": name, "n": sizes[t],
+                    "stationarity": resid / total_norm(at_start[t]) if t > 0 else math.nan,
+                    "gradient": total_norm(at_own[t]), "prior_force": s.delta * total_norm(tau),
+                    **near.get(t, {"taylor_cos": math.nan, "taylor_ratio": math.nan})})
+    return {"rows": rows, "sources": out, "curves": curve}
 
 
 def run_seeds(seeds: Sequence[int], scale: str | None = None, progress: bool = False,
@@ -219,3 +301,14 @@ def summary(df: pd.DataFrame, k: int | None = None) -> pd.DataFrame:
     out.columns = [f"{a}_{b}" for a, b in out.columns]
     out["alphas"] = g["alpha"].apply(lambda a: ",".join("-" if math.isnan(x) else f"{x:g}" for x in a))
     return out.sort_values("accuracy_mean", ascending=False)
+
+
+def source_table(sources_df: pd.DataFrame) -> pd.DataFrame:
+    """`sources` of several seeds: per source, N_t and the mean and standard deviation over seeds
+    of the stationarity and Taylor diagnostics."""
+    cols = ["stationarity", "gradient", "prior_force", "taylor_cos", "taylor_ratio"]
+    g = sources_df.groupby("source", sort=False)
+    out = g[cols].agg(["mean", "std"])
+    out.columns = [f"{a}_{b}" for a, b in out.columns]
+    out.insert(0, "n", g["n"].first().astype(int))
+    return out
