@@ -109,16 +109,21 @@ def _train(s: AddingSetup, start: StateDict, data: Dataset, tag: str, cfg: dict)
     return cache.cached("adding-model", cfg, compute)
 
 
-def artifacts(s: AddingSetup) -> dict[str, Any]:
-    """Data, theta_0, the fine-tuned models, their Fishers and the all-data targets (cached)."""
-    from ..curvature import fisher
+def _splits(s: AddingSetup) -> tuple[list, list, list]:
+    """(train, validation, test) data sets of every source."""
     splits = [V.task_splits(t, s.scale, n_train=n, seed=s.seed) for t, n in s.sources]
-    trains, vals, tests = ([sp[i] for sp in splits] for i in range(3))
+    return tuple([sp[i] for sp in splits] for i in range(3))
+
+
+def theta0(s: AddingSetup) -> tuple[dict[str, Tensor], dict]:
+    """theta_0 (the pretrained backbone fitted to the first source: probe, then fine-tune; the
+    same for every seed) and the cache key that every model trained from it extends."""
+    trains = _splits(s)[0]
     backbone, bcfg = VB.base_backbone(s.suite, progress=False)
     key = {"base": bcfg, "sources": V.config_dict([t for t, _ in s.sources]),
            "n": [len(t) for t in trains], "epochs": s.epochs, "lr": s.lr, "delta": s.delta}
 
-    def theta0():  # the pretrained backbone fitted to the first source: probe, then fine-tune
+    def compute():
         bb = V.make_backbone(s.suite.vit)
         bb.load_state_dict(backbone)
         head = V.linear_probe(bb, V.make_head(s.suite.vit, 10), trains[0], device=s.suite.device)
@@ -126,7 +131,15 @@ def artifacts(s: AddingSetup) -> dict[str, Any]:
               lr=s.lr, head_lr=10 * s.lr, seed=0, device=s.suite.device, progress=False)
         return {k: v.cpu() for k, v in V.TaskModel(bb, head).state_dict().items()}
     with V.fast_cpu():
-        base = cache.cached("adding-base", key, theta0)
+        return cache.cached("adding-base", key, compute), key
+
+
+def artifacts(s: AddingSetup) -> dict[str, Any]:
+    """Data, theta_0, the fine-tuned models, their Fishers and the all-data targets (cached)."""
+    from ..curvature import fisher
+    trains, vals, tests = _splits(s)
+    base, key = theta0(s)
+    with V.fast_cpu():
         models = [base] + [_train(s, base, tr, f"add {t.name}", {**key, "source": i, "seed": s.seed})
                            for i, ((t, _), tr) in enumerate(zip(s.sources, trains)) if i > 0]
         targets = {k: _train(s, base, ConcatDataset(trains[:k + 1]), f"all-data {k}",
@@ -277,10 +290,19 @@ def _rows(s: AddingSetup, A: Mapping[str, Any]) -> dict[str, list[dict]]:
     return {"rows": rows, "sources": out, "curves": curve}
 
 
-def run_seeds(seeds: Sequence[int], scale: str | None = None, progress: bool = False,
+def seed_jobs(seeds: Sequence[int], scale: str | None = None, **overrides: Any) -> list[tuple]:
+    """One job per seed for `pipeline.parallel` (`run` of its setup), made after theta_0, which
+    every seed shares."""
+    setups = [setup(scale, seed, **overrides) for seed in seeds]
+    theta0(setups[0])
+    return [(run, (s,)) for s in setups]
+
+
+def run_seeds(seeds: Sequence[int], scale: str | None = None, workers: int | None = None,
               **overrides: Any) -> pd.DataFrame:
-    """`run` for every seed, one table (the seed column tells them apart)."""
-    return pd.concat([run(setup(scale, seed, **overrides), progress) for seed in seeds], ignore_index=True)
+    """`run` for every seed, side by side on the machine's cores (`pipeline.parallel`): one
+    table (the seed column tells them apart)."""
+    return P.tables(seed_jobs(seeds, scale, **overrides), workers=workers)[0]
 
 
 def points(df: pd.DataFrame) -> pd.DataFrame:

@@ -17,6 +17,7 @@ are cached (`toolkit.cache`).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
@@ -462,11 +463,20 @@ def alpha_curves(df: pd.DataFrame, study: str = "merge") -> pd.DataFrame:
     return out
 
 
-def run_seeds(seeds: Sequence[int], scale: str | None = None, progress: bool = False,
+def seed_jobs(seeds: Sequence[int], scale: str | None = None, **overrides: Any) -> list[tuple]:
+    """One job per seed for `pipeline.parallel` (`run` of its setup, no progress bars), made
+    after theta_0, which every seed shares."""
+    setups = [setup(scale, seed, **overrides) for seed in seeds]
+    with V.fast_cpu():
+        base_backbone(setups[0], progress=False)
+    return [(functools.partial(run, progress=False), (s,)) for s in setups]
+
+
+def run_seeds(seeds: Sequence[int], scale: str | None = None, workers: int | None = None,
               **overrides: Any) -> pd.DataFrame:
-    """`run` for every seed (one pretrained theta_0, seeds vary heads, fine-tuning and Fishers)."""
-    return pd.concat([run(setup(scale, seed, **overrides), progress=progress) for seed in seeds],
-                     ignore_index=True)
+    """`run` for every seed (one pretrained theta_0, seeds vary heads, fine-tuning and Fishers),
+    side by side on the machine's cores (`pipeline.parallel`)."""
+    return P.tables(seed_jobs(seeds, scale, **overrides), workers=workers)[0]
 
 
 def summary(df: pd.DataFrame, study: str = "merge") -> pd.DataFrame:
