@@ -220,6 +220,7 @@ def _split(items: Sequence[Any], split: str, n: int | None, n_test: int, seed: i
     return [items[i] for i in part]
 
 
+@functools.lru_cache(maxsize=512)  # a split is deterministic: read and drawn once per process
 def load_task(name: str, split: str = "train", n: int | None = None, *, n_test: int = 500,
               seed: int = 0, n_val: int = 0) -> TextSet:
     """A classification task (bbc, tweets, spam, tweets_<source>, or a HF_SETS name): `n` examples
@@ -234,6 +235,7 @@ def load_task(name: str, split: str = "train", n: int | None = None, *, n_test: 
     return TextSet(name, tuple(t for t, _ in rows), tuple(classes.index(c) for _, c in rows), classes)
 
 
+@functools.lru_cache(maxsize=512)
 def load_domain(name: str, split: str = "train", n: int | None = None, *, n_test: int = 200,
                 seed: int = 0, n_val: int = 0) -> TextSet:
     """An LM domain (news, tweets, code, spam): texts only; splits as in `load_task`."""
