@@ -7,8 +7,10 @@ SmolLM2 ships as a 4-bit GGUF file, converted once to an fp32 safetensors direct
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import io
 import importlib.util
 import os
 import warnings
@@ -61,7 +63,8 @@ def gguf_to_dir(gguf: Path, out: Path | None = None) -> Path:
     out = out or cache_root() / "models" / gguf.stem
     if (out / "config.json").exists():
         return out
-    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with contextlib.redirect_stderr(io.StringIO()):  # the converter's own progress bar
+        src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # save_pretrained refuses GGUF-loaded models: rebuild from the config, then save
     model = AutoModelForCausalLM.from_config(src.config)
     model.load_state_dict(src.state_dict())

@@ -9,7 +9,7 @@ full model's, so merges, caches and the full-scale path (every layer) are one co
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +134,18 @@ def batches(feats: Sequence[Tensor], labels: Sequence[int], batch_size: int,
         y = torch.tensor([labels[j] for j in idx])
         out.append(({"inputs_embeds": x.to(device), "attention_mask": mask.to(device)}, y.to(device)))
     return out
+
+
+def run_seeds(bench: Any, seeds: Sequence[int], scale: str | None, progress: bool, **overrides: Any):
+    """The seeds loop of the text benchmarks: `bench.prepare` and `bench.run` for the setup of
+    every seed (all cached), one table."""
+    import pandas as pd
+    tables = []
+    for seed in seeds:
+        s = bench.setup(scale, seed, **overrides)
+        bench.prepare(s, progress=progress)
+        tables.append(bench.run(s, progress=progress))
+    return pd.concat(tables, ignore_index=True)
 
 
 def is_head(name: str) -> bool:

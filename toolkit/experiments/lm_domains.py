@@ -84,6 +84,13 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     return tab
 
 
+def _display(merge: str) -> str:
+    """A merge's row label in words: the method's label, with ' (per token)' kept."""
+    from ..plots import method_label
+    method, per_token = merge.removesuffix(" (per token)"), merge.endswith(" (per token)")
+    return method_label(method) + (" (per token)" if per_token else "")
+
+
 def table(df: pd.DataFrame) -> pd.DataFrame:
     """The chapter's table: test perplexity per domain and geometric mean of the base, the
     domains' own fine-tuned models and every chosen merge, with the alpha chosen on validation."""
@@ -117,7 +124,7 @@ def quotes(s: LMSetup, df: pd.DataFrame, totals: pd.DataFrame) -> dict[str, Any]
         **{f"base-{dom}": float(tab.loc["base", dom]) for dom in s.domains},
         **{f"own-{dom}": float(tab.loc["own fine-tuned model", dom]) for dom in s.domains},
         "base-gm": float(gmean["base"]), "own-gm": float(gmean["own fine-tuned model"]),
-        "winner": gmean.iloc[2:].idxmin(), "winner-gm": float(gmean.iloc[2:].min()),
+        "winner": _display(gmean.iloc[2:].idxmin()), "winner-gm": float(gmean.iloc[2:].min()),
         **{f"gm-{m}": float(gmean[m]) for m in summary(df).index if m in METHODS},
         **{f"gm-{m}-tok": float(gmean[label(m, "token")]) for m in METHODS if label(m, "token") in gmean},
         "gm-ta-verdict": P.compare(seeds, gm, "task_arithmetic", **lower),

@@ -13,6 +13,7 @@ the result table by the whole setup.
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping, Sequence
 
@@ -59,7 +60,7 @@ def setup(scale: str | None = None, seed: int = 0, **overrides: Any) -> TextAddS
         scale=scale, seed=seed, model=p("tiny-bert", MINILM, "roberta-base"),
         tasks=p(("bbc", "tweets", "spam"), ("bbc", "tweets", "spam"),
                 ("imdb", "yelp", "rotten_tomatoes", "sst2", "amazon")),
-        top_layers=p(1, 1, 12), n_train=p(32, 480, 8000), n_val=p(8, 48, 500), n_test=p(16, 300, 1000),
+        top_layers=p(1, 1, 12), n_train=p(32, 400, 8000), n_val=p(8, 48, 500), n_test=p(16, 250, 1000),
         max_len=p(32, 32, 256), batch_size=p(8, 16, 16), steps=p(4, 30, 500), lr=p(1e-3, 2e-4, 1e-5),
         fisher_kind="mc", fisher_examples=p(8, 256, 1000),
         alphas=p((0.5, 1.0), (0.25, 0.5, 1.0, 1.5, 2.0), (0.2, 0.5, 1.0, 1.5, 2.0)),
@@ -269,12 +270,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 def run_seeds(seeds: Sequence[int], scale: str | None = None, progress: bool = False,
               **overrides: Any) -> pd.DataFrame:
     """`prepare` and `run` for every seed (cached), one table."""
-    tables = []
-    for seed in seeds:
-        s = setup(scale, seed, **overrides)
-        prepare(s, progress=progress)
-        tables.append(run(s, progress=progress))
-    return pd.concat(tables, ignore_index=True)
+    return E.run_seeds(sys.modules[__name__], seeds, scale, progress, **overrides)
 
 
 def table(df: pd.DataFrame) -> pd.DataFrame:

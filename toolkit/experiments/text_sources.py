@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping, Sequence
 
@@ -55,14 +56,14 @@ class SourcesSetup(P.Setup):
 
 
 def setup(scale: str | None = None, seed: int = 0, **overrides: Any) -> SourcesSetup:
-    """tiny (random BERT, three sources), small (MiniLM, four tweet sources of 100-400 texts), full
+    """tiny (random BERT, three sources), small (MiniLM, four tweet sources of 80-320 texts), full
     (roberta-base, six sources of 200-8000 texts)."""
     scale = P.check_scale(scale)
     p = lambda tiny, small, full: pick(tiny, small, full, scale)  # noqa: E731
     six = ("airline", "deflategate", "coachella", "apple", "cars", "allergy")
     s = SourcesSetup(
         scale=scale, seed=seed, model=p("tiny-bert", tiny.MINILM, "roberta-base"), top_layers=p(1, 1, 12),
-        sources=p(six[:3], six[:4], six), sizes=p((32, 16, 8), (400, 300, 200, 100),
+        sources=p(six[:3], six[:4], six), sizes=p((32, 16, 8), (320, 240, 160, 80),
                                                   (8000, 4000, 2000, 1000, 500, 200)),
         markers=p((1, 2), (1, 2, 3), (1, 2, 3, 4, 5)),
         n_val=p(8, 32, 200), n_test=p(8, 50, 500), max_len=p(32, 32, 64), batch_size=p(8, 16, 16),
@@ -259,12 +260,7 @@ def summary(df: pd.DataFrame, k: int | None = None) -> pd.DataFrame:
 def run_seeds(seeds: Sequence[int], scale: str | None = None, progress: bool = False,
               **overrides: Any) -> pd.DataFrame:
     """`prepare` and `run` for every seed (cached), one table."""
-    tables = []
-    for seed in seeds:
-        s = setup(scale, seed, **overrides)
-        prepare(s, progress=progress)
-        tables.append(run(s, progress=progress))
-    return pd.concat(tables, ignore_index=True)
+    return E.run_seeds(sys.modules[__name__], seeds, scale, progress, **overrides)
 
 
 def table(df: pd.DataFrame) -> pd.DataFrame:
@@ -328,6 +324,7 @@ def quotes(s: SourcesSetup, df: pd.DataFrame) -> dict[str, Any]:
         "best": method_label(best), "best-acc": float(test[best].mean()), "closest": method_label(closest),
         "best-vs-base": P.compare(test, best, "theta_0", **verdict),
         "all-vs-base": P.compare(test, "all-data model", "theta_0", **verdict),
+        "best-vs-all": P.compare(test, best, "all-data model", **verdict),
         "gmta-test": P.paired(test["gradient_matching"], test["task_arithmetic"])["diff"],
         "gmta-test-verdict": P.compare(test, "gradient_matching", "task_arithmetic", **verdict),
         "gmta-distance": P.paired(dist["gradient_matching"], dist["task_arithmetic"])["diff"],
