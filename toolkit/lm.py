@@ -23,10 +23,11 @@ def token_nll(model: nn.Module, inputs: Mapping[str, Tensor]) -> tuple[Tensor, i
     (padding, i.e. attention_mask 0, is neither input nor target)."""
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask", torch.ones_like(ids))
-    given = inputs.get("inputs_embeds")  # a TopLM's input; input_ids are then only the targets
-    fed = {"input_ids": ids} if given is None else {"inputs_embeds": given}
-    z = model(**fed, attention_mask=mask).logits[:, :-1]
     target, valid = ids[:, 1:], (mask[:, 1:] * mask[:, :-1]).bool()
+    if isinstance(model, TopLM):  # input_ids are only the targets; logits only where they count
+        z = model(inputs_embeds=inputs.get("inputs_embeds"), attention_mask=mask, logits_at=valid).logits
+        return F.cross_entropy(z.float(), target[valid], reduction="sum"), int(valid.sum())
+    z = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
     nll = F.cross_entropy(z.reshape(-1, z.shape[-1]).float(), target.reshape(-1), reduction="none")
     return (nll * valid.reshape(-1)).sum(), int(valid.sum())
 
@@ -114,13 +115,15 @@ class TopLM(nn.Module):
         self.model, self.lm_head, self.config, self.top = lm.model, lm.lm_head, lm.config, top
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                inputs_embeds: Tensor | None = None, **_: Any):
+                inputs_embeds: Tensor | None = None, logits_at: Tensor | None = None, **_: Any):
+        """Logits [B, L, V]; with `logits_at` (bool [B, L - 1]: the positions whose next token
+        counts) only those rows, [n, V]: the output layer is most of the cost of a small top."""
         from transformers.modeling_outputs import CausalLMOutput
         if inputs_embeds is None:
             raise MergeError("TopLM: needs inputs_embeds, the hidden states entering its top layers "
                              "(toolkit.lm.hidden_below); input_ids are only the targets")
         h = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
-        return CausalLMOutput(logits=self.lm_head(h))
+        return CausalLMOutput(logits=self.lm_head(h if logits_at is None else h[:, :-1][logits_at]))
 
 
 @torch.no_grad()

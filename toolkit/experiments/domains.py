@@ -73,8 +73,9 @@ def load(s: LMSetup):
     n = hub.pristine("causal_lm", name, 0, s.seed)[0].config.num_hidden_layers
     low = n - s.top_layers if s.top_layers else 0
     # the skipped layers are never copied, the frozen embedding (and tied head) is shared
-    model, tok = hub.pretrained("causal_lm", name, 0, s.seed, replace={f"model.layers.{i}": Skip() for i in range(low)},
-                                share=["model.embed_tokens.weight"] if s.freeze_embeddings and s.device == "cpu" else [])
+    share = ["model.embed_tokens.weight"] if s.freeze_embeddings and s.device == "cpu" else []
+    model, tok = hub.pretrained("causal_lm", name, 0, s.seed,
+                                replace={f"model.layers.{i}": Skip() for i in range(low)}, share=share)
     model.to(s.device).eval()
     below = tuple(f"model.layers.{i}." for i in range(low))
     freeze(model, lambda k: (s.freeze_embeddings and is_embedding(k)) or k.startswith(below))

@@ -60,7 +60,7 @@ def setup(scale: str | None = None, seed: int = 0, **overrides: Any) -> TextAddS
         scale=scale, seed=seed, model=p("tiny-bert", MINILM, "roberta-base"),
         tasks=p(("bbc", "tweets", "spam"), ("bbc", "tweets", "spam"),
                 ("imdb", "yelp", "rotten_tomatoes", "sst2", "amazon")),
-        top_layers=p(1, 1, 12), n_train=p(32, 400, 8000), n_val=p(8, 48, 500), n_test=p(16, 250, 1000),
+        top_layers=p(1, 1, 12), n_train=p(32, 480, 8000), n_val=p(8, 48, 500), n_test=p(16, 300, 1000),
         max_len=p(32, 32, 256), batch_size=p(8, 16, 16), steps=p(4, 30, 500), lr=p(1e-3, 2e-4, 1e-5),
         fisher_kind="mc", fisher_examples=p(8, 256, 1000),
         alphas=p((0.5, 1.0), (0.25, 0.5, 1.0, 1.5, 2.0), (0.2, 0.5, 1.0, 1.5, 2.0)),
@@ -329,7 +329,8 @@ def quotes(s: TextAddSetup, df: pd.DataFrame) -> dict[str, Any]:
     ind = test[test["study"] == "individual"].groupby("task")["accuracy"].mean()
     curve = alpha_curve(df)
     ta_curve = curve[curve["method"] == "task_arithmetic"]["mean"]
-    gm_spread = curve[curve["method"] == "gradient_matching"].groupby("delta_rel")["mean"].agg(lambda x: x.max() - x.min())
+    gm_curve = curve[curve["method"] == "gradient_matching"].groupby("delta_rel")["mean"]
+    gm_spread = gm_curve.max() - gm_curve.min()
     q = {
         "steps": s.steps, "bs": s.batch_size, "n": s.n_train, "val": s.n_val, "test": s.n_test,
         "len": s.max_len, "fex": s.fisher_examples, "top": s.top_layers, "lr": s.lr,

@@ -315,7 +315,8 @@ def quotes(s: SourcesSetup, df: pd.DataFrame) -> dict[str, Any]:
     return {
         "len": s.max_len, "val": s.n_val, "test": s.n_test, "fex": s.fisher_examples,
         "mex": s.mismatch_examples, "n0": s.sizes[0], "nmin": min(s.sizes[1:]), "nmax": max(s.sizes[1:]),
-        "first": s.sources[0], "added": ", ".join(s.sources[1:]), "epochs": s.epochs, "alphas": ", ".join(f"{a:g}" for a in s.alphas),
+        "first": s.sources[0], "added": ", ".join(s.sources[1:]), "epochs": s.epochs,
+        "alphas": ", ".join(f"{a:g}" for a in s.alphas),
         "deltas": ", ".join(f"{d:g}" for d in s.deltas), "seeds": int(df["seed"].nunique()),
         "k": K, "ratio": max(s.sizes) / min(s.sizes),
         "all": float(test["all-data model"].mean()), "base": float(test["theta_0"].mean()),
