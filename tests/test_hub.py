@@ -59,3 +59,24 @@ def test_unknown_ids_go_online_or_fail_clearly(monkeypatch):
 def test_cache_root_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path))
     assert hub.cache_root() == tmp_path
+
+
+def test_pretrained_copies_can_replace_modules_and_share_frozen_weights(tmp_path):
+    cfg = transformers.LlamaConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=2, intermediate_size=32, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    transformers.AutoTokenizer.from_pretrained(tokenizer_dir()).save_pretrained(tmp_path)
+    try:
+        src, _ = hub.pristine("causal_lm", str(tmp_path))
+        stub = transformers.pytorch_utils.nn.Identity()
+        copy, _ = hub.pretrained("causal_lm", str(tmp_path), replace={"model.layers.0": stub},
+                                 share=["model.embed_tokens.weight"])
+        assert copy.model.layers[0] is stub and src.model.layers[0] is not stub
+        assert copy.model.embed_tokens.weight is src.model.embed_tokens.weight  # shared, not copied
+        assert copy.model.layers[1].mlp.up_proj.weight is not src.model.layers[1].mlp.up_proj.weight
+        assert hub.pretrained("causal_lm", str(tmp_path))[0].model.embed_tokens.weight is not \
+            src.model.embed_tokens.weight  # a plain copy shares nothing
+        with pytest.raises(MergeError, match="pretrained"):
+            hub.pretrained("causal_lm", str(tmp_path), share=["model.no_such.weight"])
+    finally:
+        hub._pristine.cache_clear()

@@ -122,6 +122,69 @@ def test_encoder_top_layers_fed_with_hidden_states_give_the_full_models_logits(t
         encoder.classifier("tiny-bert", 3, 7, top=3)
 
 
+def test_top_lm_fed_with_hidden_states_gives_the_full_models_logits(tiny_cache):
+    s = domains.setup("tiny")
+    full, tok = hub.pretrained("causal_lm", tiny.model_name(s.model))
+    with domains.quiet(s):
+        top, _ = domains.load(s)
+        got = domains.batches(s, tok, "tweets", "test")
+    assert isinstance(top, lm.TopLM)
+    names = set(trainable(top))  # the full model's names: merges and caches are one code path
+    assert names and names <= set(full.state_dict())
+    assert all(k.startswith((f"model.layers.{full.config.num_hidden_layers - s.top_layers}.", "model.norm."))
+               for k in names)
+    plain = T.lm_batches(tok, domains.data(s, "tweets", "test"), batch_size=s.batch_size, max_len=s.max_len)
+    assert len(plain) == len(got)
+    with torch.no_grad():
+        for (x, _), (xg, _) in zip(plain, got):
+            real = x["attention_mask"].bool()
+            assert torch.allclose(full(**x).logits[real], top(**xg).logits[real], atol=1e-5)
+            assert float(lm.token_nll(top, xg)[0]) == pytest.approx(float(lm.token_nll(full, x)[0]), rel=1e-5)
+        with pytest.raises(MergeError, match="inputs_embeds"):
+            top(**plain[0][0])
+    with pytest.raises(MergeError, match="top"):
+        lm.TopLM(hub.pretrained("causal_lm", tiny.model_name(s.model))[0], 3)
+
+
+def test_hidden_states_below_do_not_depend_on_the_batch(tiny_cache):
+    name = tiny.model_name("tiny-llama")
+    tok = hub.pretrained("causal_lm", name)[1]
+    texts = list(T.load_domain("tweets", "test", 6, n_test=20).texts)
+    together = lm.hidden_below(hub.pretrained("causal_lm", name)[0], 1, tok, texts, 24, batch_size=6)
+    for t, h in zip(texts, together):
+        alone, = lm.hidden_below(hub.pretrained("causal_lm", name)[0], 1, tok, [t], 24)
+        assert len(h) == len(tok(t, truncation=True, max_length=24)["input_ids"])
+        assert torch.allclose(h, alone, atol=1e-5)
+    batches = T.lm_batches(tok, T.TextSet("x", tuple(texts), None), batch_size=3, max_len=24)
+    fed = lm.with_hidden(batches, together)
+    assert torch.equal(fed[1][0]["inputs_embeds"][0, : len(together[3])], together[3])
+    with pytest.raises(MergeError, match="length"):
+        lm.with_hidden(batches, [together[0][:-1], *together[1:]])
+
+
+def test_quotes_say_every_comparison_by_the_tie_rule(tiny_cache):
+    verdicts = {"one seed: no verdict"}
+    s = text_add.setup("tiny")
+    ta = text_add.run_seeds((0, 1), "tiny")
+    q = text_add.quotes(s, ta)
+    assert q["seeds"] == 2 and 0 <= q["mt-acc"] <= 1 and q["win-lo"] <= q["win-hi"]
+    norm = P.by_seed(ta[ta.split == "test"], "normalised")
+    want = P.paired(norm["gradient_matching"], norm["task_arithmetic"])["verdict"]
+    assert q["gm-ta-verdict"].startswith({"higher": "above", "lower": "below", "a tie": "a tie"}[want])
+    assert list(text_add.table(ta)["accuracy"]) == list(text_add.summary(ta)["accuracy"])
+    src = text_sources.run_seeds((0,), "tiny")
+    qs = text_sources.quotes(text_sources.setup("tiny"), src)
+    assert qs["gmta-test-verdict"] in verdicts and qs["k"] == max(text_sources.setup("tiny").markers)
+    s = lm_domains.setup("tiny")
+    dom, rem = lm_domains.run(s, progress=False), lm_remove.run(s, progress=False)
+    with domains.quiet(s):
+        ql = lm_domains.quotes(s, dom, domains.fisher_totals(s))
+    assert ql["gm-ta-verdict"] in verdicts and ql["short"] in s.domains and ql["ftok"] == s.fisher_tokens
+    qr = lm_remove.quotes(s, rem)
+    assert qr["cmp"] in verdicts | {"cannot be compared there (a curve does not reach it)"}
+    assert qr["finite"] == "finite" and 0 <= qr["floored-max"] <= 1
+
+
 def test_paired_verdicts():
     a, b = pd.Series([0.8, 0.9, 0.7]), pd.Series([0.7, 0.85, 0.71])
     assert P.paired(a, b)["verdict"] == "a tie" and P.paired(a + 0.05, b)["verdict"] == "higher"
@@ -183,7 +246,7 @@ def test_text_sources_tiny_table(tiny_cache):
         assert d.loc[d.method == "all-data model", "distance"].item() == 0.0
         assert (d["mismatch"] > 0).all() and d["test"].between(0, 1).all()
     gm = df[(df.study == "merge") & (df.method == "gradient_matching")]
-    assert set(gm["delta_rel"]) <= set(s.deltas) and (gm["alpha"] == 1.0).all()
+    assert set(gm["delta_rel"]) <= set(s.deltas) and set(gm["alpha"]) <= set(s.alphas)
     summ = text_sources.summary(df)
     assert summ.loc["all-data model", "distance"] == 0.0
 

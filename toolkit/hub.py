@@ -7,14 +7,16 @@ SmolLM2 ships as a 4-bit GGUF file, converted once to an fp32 safetensors direct
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import io
 import importlib.util
 import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -61,7 +63,8 @@ def gguf_to_dir(gguf: Path, out: Path | None = None) -> Path:
     out = out or cache_root() / "models" / gguf.stem
     if (out / "config.json").exists():
         return out
-    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with contextlib.redirect_stderr(io.StringIO()):  # the converter's own progress bar
+        src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # save_pretrained refuses GGUF-loaded models: rebuild from the config, then save
     model = AutoModelForCausalLM.from_config(src.config)
     model.load_state_dict(src.state_dict())
@@ -115,13 +118,27 @@ def _pristine(kind: str, name: str, n_classes: int, seed: int):
         return load_causal_lm(name)
 
 
-def pretrained(kind: str, name: str, n_classes: int = 0, seed: int = 0):
-    """A fresh copy of a 'classifier' (new head of `n_classes`, initialised from `seed`) or a
-    'causal_lm' and its tokenizer; read from disk once per process (until `quiet` exits)."""
+def pristine(kind: str, name: str, n_classes: int = 0, seed: int = 0):
+    """The cached model and tokenizer `pretrained` copies from: read it, never change it."""
     if kind not in ("classifier", "causal_lm"):
         raise MergeError(f"pretrained: kind must be 'classifier' or 'causal_lm', got {kind!r}")
-    model, tok = _pristine(kind, name, n_classes, seed)
-    return copy.deepcopy(model), tok
+    return _pristine(kind, name, n_classes, seed)
+
+
+def pretrained(kind: str, name: str, n_classes: int = 0, seed: int = 0, *,
+               replace: Mapping[str, torch.nn.Module] | None = None, share: Sequence[str] = ()):
+    """A fresh copy of a 'classifier' (new head of `n_classes`, initialised from `seed`) or a
+    'causal_lm' and its tokenizer; read from disk once per process (until `quiet` exits).
+    replace: submodules (by name) the copy gets instead of copies of the originals, e.g. stubs
+    for layers that are skipped (never copied). share: parameters (by name) the copy shares with
+    the cached model instead of copying them, for frozen weights (never change them in place)."""
+    model, tok = pristine(kind, name, n_classes, seed)
+    try:
+        memo = {id(model.get_submodule(k)): m for k, m in (replace or {}).items()}
+        memo.update({id(p): p for p in map(model.get_parameter, share)})
+    except AttributeError as e:
+        raise MergeError(f"pretrained: {e}") from None
+    return copy.deepcopy(model, memo), tok
 
 
 @contextmanager

@@ -227,6 +227,11 @@ def load_task(name: str, split: str = "train", n: int | None = None, *, n_test: 
     `n_val` the validation split, the rest training."""
     if name in HF_SETS:
         return hf_task(name, split, n, seed)
+    return _local_task(name, split, n, n_test, seed, n_val)
+
+
+@functools.lru_cache(maxsize=512)  # a split is deterministic: drawn once per process
+def _local_task(name: str, split: str, n: int | None, n_test: int, seed: int, n_val: int) -> TextSet:
     if name not in CLASSES:
         raise MergeError(f"unknown text task {name!r}; known: {sorted(CLASSES) + sorted(HF_SETS)}")
     classes = CLASSES[name]
@@ -234,6 +239,7 @@ def load_task(name: str, split: str = "train", n: int | None = None, *, n_test: 
     return TextSet(name, tuple(t for t, _ in rows), tuple(classes.index(c) for _, c in rows), classes)
 
 
+@functools.lru_cache(maxsize=512)  # a split is deterministic: drawn once per process
 def load_domain(name: str, split: str = "train", n: int | None = None, *, n_test: int = 200,
                 seed: int = 0, n_val: int = 0) -> TextSet:
     """An LM domain (news, tweets, code, spam): texts only; splits as in `load_task`."""

@@ -12,7 +12,7 @@ import pandas as pd
 from torch import Tensor
 
 from .. import cache, hub, text as T, tiny
-from ..lm import finetune_lm, freeze, is_embedding, perplexity
+from ..lm import Skip, TopLM, finetune_lm, freeze, hidden_below, is_embedding, perplexity, with_hidden
 from ..merge import METHODS
 from ..scale import pick
 from ..train import trainable
@@ -38,6 +38,7 @@ class LMSetup(P.Setup):
     freeze_embeddings: bool      # embeddings (and a tied LM head) stay at theta_0: memory and time
     top_layers: int | None       # only the top layers are fine-tuned and merged (None: every layer)
     fisher_examples: int         # sequences per Fisher (token-level MC, one sample per token)
+    fisher_tokens: int | None    # per-token Fisher: tokens drawn per sequence (None: every token)
     fisher_pers: tuple[str, ...] = ("sequence", "token")  # what one example of F_t and N_t is
     removal_alphas: tuple[float, ...]
     base_sizes: tuple[float, ...]  # N_0 multiples of N_r for H_0 = delta + N_0 F_0 (removal)
@@ -51,8 +52,9 @@ def setup(scale: str | None = None, seed: int = 0, **overrides: Any) -> LMSetup:
     s = LMSetup(
         scale=scale, seed=seed, model=p("tiny-llama", SMOLLM, SMOLLM),
         domains=("news", "code", "tweets"), remove="spam",
-        n_train=p(16, 120, 4000), n_val=p(4, 8, 100), n_test=p(8, 16, 200), max_len=p(32, 64, 256), batch_size=p(8, 8, 16),
-        steps=p(2, 10, 250), lr=p(1e-3, 3e-4, 5e-5), freeze_embeddings=True, top_layers=p(1, 10, None), fisher_examples=p(8, 16, 256),
+        n_train=p(16, 32, 4000), n_val=p(4, 6, 100), n_test=p(8, 12, 200), max_len=p(32, 32, 256),
+        batch_size=p(8, 8, 16), steps=p(2, 8, 250), lr=p(1e-3, 1e-3, 5e-5), freeze_embeddings=True,
+        top_layers=p(1, 2, None), fisher_examples=p(8, 16, 256), fisher_tokens=p(4, 2, 32),
         alphas=p((0.5, 1.0), (0.5, 1.0), (0.3, 0.5, 0.7, 1.0)), delta=p(1e-4, 1e-4, 1e-4),
         removal_alphas=p((-0.5, -1.0), (-0.5, -1.0, -2.0), (-0.25, -0.5, -0.75, -1.0, -1.5, -2.0)),
         base_sizes=p((3.0,), (3.0, 30.0), (1.0, 3.0, 30.0)), device=P.default_device())
@@ -65,14 +67,47 @@ def quiet(s: LMSetup):
 
 
 def load(s: LMSetup):
-    """theta_0: a fresh copy of the pretrained LM (embeddings frozen when the setup says so)."""
-    model, tok = hub.pretrained("causal_lm", tiny.model_name(s.model), 0, s.seed)
-    model.to(s.device).eval()
-    n = model.config.num_hidden_layers
+    """theta_0: a fresh copy of the pretrained LM (embeddings frozen when the setup says so); with
+    `top_layers`, a `TopLM`: the top layers fed with the hidden states below them (`batches`)."""
+    name = tiny.model_name(s.model)
+    n = hub.pristine("causal_lm", name, 0, s.seed)[0].config.num_hidden_layers
     low = n - s.top_layers if s.top_layers else 0
+    # the skipped layers are never copied, the frozen embedding (and tied head) is shared
+    share = ["model.embed_tokens.weight"] if s.freeze_embeddings and s.device == "cpu" else []
+    model, tok = hub.pretrained("causal_lm", name, 0, s.seed,
+                                replace={f"model.layers.{i}": Skip() for i in range(low)}, share=share)
+    model.to(s.device).eval()
     below = tuple(f"model.layers.{i}." for i in range(low))
     freeze(model, lambda k: (s.freeze_embeddings and is_embedding(k)) or k.startswith(below))
-    return model, tok
+    return (TopLM(model, s.top_layers).eval() if s.top_layers else model), tok
+
+
+_HIDDEN: dict[tuple, dict[str, Tensor]] = {}  # (model, top, max_len) -> {text: hidden states}
+
+
+def texts(s: LMSetup) -> list[str]:
+    """Every text the two LM experiments read: training texts of every domain, validation texts
+    of the merged domains, test texts of all."""
+    out = [t for d in (*s.domains, s.remove) for t in data(s, d, "train").texts + data(s, d, "test").texts]
+    return out + [t for d in s.domains for t in data(s, d, "val").texts]
+
+
+def hidden(s: LMSetup, texts_: Sequence[str]) -> list[Tensor]:
+    """Per text, the hidden states entering the top `top_layers` layers at theta_0 (the frozen
+    lower layers), each computed once per process; the first call computes those of every text of
+    `texts(s)` too (one pass of the lower layers)."""
+    memo = _HIDDEN.setdefault((s.model, s.top_layers, s.max_len), {})
+    todo = list(dict.fromkeys(t for t in texts_ if t not in memo))
+    if todo:
+        todo = list(dict.fromkeys(todo + [t for t in texts(s) if t not in memo]))
+        lm, tok = hub.pretrained("causal_lm", tiny.model_name(s.model), 0, s.seed)
+        memo.update(zip(todo, hidden_below(lm, s.top_layers, tok, todo, s.max_len)))
+    return [memo[t] for t in texts_]
+
+
+def forget() -> None:
+    """Drop the hidden states held in memory."""
+    _HIDDEN.clear()
 
 
 def data(s: LMSetup, domain: str, split: str, n: int | None = None) -> T.TextSet:
@@ -82,9 +117,13 @@ def data(s: LMSetup, domain: str, split: str, n: int | None = None) -> T.TextSet
 
 
 def batches(s: LMSetup, tok, domain: str, split: str, n: int | None = None) -> list:
+    """Token batches of a domain's split (with the hidden states below the top layers when the
+    setup trains only those)."""
     data_ = data(s, domain, split, n)
-    return [P.to_device(b, s.device)
-            for b in T.lm_batches(tok, data_, batch_size=s.batch_size, max_len=s.max_len)]
+    bs = T.lm_batches(tok, data_, batch_size=s.batch_size, max_len=s.max_len)
+    if s.top_layers:
+        bs = with_hidden(bs, hidden(s, data_.texts))
+    return [P.to_device(b, s.device) for b in bs]
 
 
 def _cfg(s: LMSetup, domain: str) -> dict:
@@ -108,7 +147,7 @@ def domain_size(s: LMSetup, domain: str, per: str = "sequence") -> int:
     texts = data(s, domain, "train")
     if per == "sequence":
         return len(texts)
-    _, tok = hub.pretrained("causal_lm", tiny.model_name(s.model), 0, s.seed)
+    _, tok = hub.pristine("causal_lm", tiny.model_name(s.model), 0, s.seed)
     return sum(int((b[0]["attention_mask"].sum(1) - 1).clamp_min(0).sum())
                for b in T.lm_batches(tok, texts, batch_size=64, max_len=s.max_len))
 
@@ -134,7 +173,7 @@ def fisher(s: LMSetup, domain: str | Sequence[str], params: StateDict | None, at
     cfg = {"exp": "lm", "at": at, "domains": domains, "examples": s.fisher_examples,
            "data": [_cfg(s, d)["data"] for d in domains],
            **{k: v for k, v in _cfg(s, "").items() if k not in ("domain", "data")},
-           **({"per": per} if per != "sequence" else {})}
+           **({"per": per, "tokens": s.fisher_tokens} if per != "sequence" else {})}
 
     def compute():
         model, tok = load(s)
@@ -143,7 +182,8 @@ def fisher(s: LMSetup, domain: str | Sequence[str], params: StateDict | None, at
         n = math.ceil(s.fisher_examples / len(domains))
         bs = [b for d in domains for b in batches(s, tok, d, "train", n)]
         f = estimate(model, bs, "mc", task="causal_lm", per=per, seed=s.seed, progress=False,
-                     max_examples=s.fisher_examples)
+                     max_examples=s.fisher_examples,
+                     tokens_per_sequence=s.fisher_tokens if per == "token" else None)
         return {k: v.cpu() for k, v in f.items()}
     return cache.cached("language-fisher", cfg, compute)
 
@@ -166,9 +206,12 @@ class Evaluator:
         self.base = trainable(self.model)
         self.sets = {sp: {d: batches(s, tok, d, sp) for d in domains} for sp in splits}
 
-    def __call__(self, params: StateDict | None = None, split: str = "test") -> dict[str, float]:
+    def __call__(self, params: StateDict | None = None, split: str = "test",
+                 domains: Sequence[str] | None = None) -> dict[str, float]:
+        """Perplexity per domain (all, or `domains`) with `params` (None: theta_0)."""
         self.model.load_state_dict(self.base if params is None else params, strict=False)
-        return {d: perplexity(self.model, b) for d, b in self.sets[split].items()}
+        sets = self.sets[split]
+        return {d: perplexity(self.model, sets[d]) for d in (domains or sets)}
 
 
 def prepare(s: LMSetup | None = None, *, progress: bool = True) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,7 @@ from .. import cache
 from ..diagnostics import removal_diagnostics
 from . import domains as D, pipeline as P
 from .domains import LMSetup, prepare, setup  # noqa: F401  (the shared settings of both LM benchmarks)
+
 
 def run(s: LMSetup | None = None, *, progress: bool = True) -> pd.DataFrame:
     """Removing a domain: one row per (method, alpha, N_0) with perplexity on the removed domain,
@@ -132,3 +134,57 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
                           "matched_removed_vs_base": target, "kept_vs_base_at_removed": kept_at(c, target),
                           "max_removed_vs_base": float(c.removed_vs_base.max())}
                          for (m, k), c in cs.items()]).set_index(["method", "base_size"])
+
+
+def curve_label(method: str, base_size: float | None, n_r: float) -> str:
+    """A removal curve's name: task negation, or gradient matching with its N_0 / N_r."""
+    if base_size is None or pd.isna(base_size):
+        return "task negation" if method == "task_arithmetic" else method
+    return f"{method.replace('_', ' ')}, $N_0 = {base_size / n_r:g} N_r$"
+
+
+def figure(df: pd.DataFrame, n_r: float):
+    """The removal curves: perplexity on the kept domains (cost) against perplexity on the
+    removed domain (forgetting), both relative to the base, along alpha (labelled)."""
+    from .. import plots
+    fig, ax = plots.figure(width=6.0, height=4.2)
+    for i, ((m, n0), g) in enumerate(curves(df).items()):
+        g = g.sort_values("alpha", ascending=False)
+        ax.plot(g.kept_vs_base, g.removed_vs_base, marker="o", color=f"C{i}", label=curve_label(m, n0, n_r))
+        for _, r in g.iterrows():
+            ax.annotate(f"{r.alpha:g}", (r.kept_vs_base, r.removed_vs_base), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.scatter([1.0], [1.0], color="k", marker="x", zorder=5)
+    ax.annotate("base", (1.0, 1.0), fontsize=8, xytext=(4, -10), textcoords="offset points")
+    ax.set(xscale="log", yscale="log", xlabel="perplexity on the kept domains / base (cost)",
+           ylabel="perplexity on the removed domain / base (forgetting)")
+    plots.legend_outside(ax)
+    return fig
+
+
+def quotes(s: LMSetup, df: pd.DataFrame) -> dict[str, Any]:
+    """Every number and verdict the chapter quotes about removal (keys without the chapter's
+    prefix): the fine-tuned model, the guard's diagnostics, and forgetting at matched retention,
+    gradient matching (its best N_0) against task negation by the one tie rule over seeds."""
+    from ..merge import METHODS
+    n_r = float(D.domain_size(s, s.remove))
+    per_seed = pd.concat([summary(g).reset_index().assign(seed=seed) for seed, g in df.groupby("seed")])
+    per_seed["curve"] = [curve_label(m, k, n_r) for m, k in zip(per_seed["method"], per_seed["base_size"])]
+    seeds = P.by_seed(per_seed, "removed_vs_base_at_kept", key="curve")
+    gm = per_seed[per_seed["method"] == "gradient_matching"]
+    best = gm.groupby("curve")["removed_vs_base_at_kept"].mean().fillna(-np.inf).idxmax()
+    ta = curve_label("task_arithmetic", None, n_r)
+    gmr = df[df["method"] == "gradient_matching"]
+    guard = METHODS["gradient_matching"].defaults.get("guard")
+    return {
+        "guard": float("nan") if guard is None else float(guard),
+        "ft": float(df.loc[df["method"] == "fine-tuned", "removed_vs_base"].mean()),
+        "kept": float(per_seed["matched_kept_vs_base"].mean()),
+        "ta-at": float(seeds[ta].mean()), "gm-at": float(seeds[best].mean()),
+        "gm-n0": float(gm.loc[gm["curve"] == best, "base_size"].iloc[0] / n_r),
+        "cmp": P.compare(seeds, best, ta, higher="forgets more than task negation",
+                         lower="forgets less than task negation", tie="ties with task negation")
+        if seeds[[best, ta]].notna().all(axis=None) else "cannot be compared there (a curve does not reach it)",
+        "gain-max": float(gmr["gain_max"].max()), "floored-max": float(gmr["floored"].max()),
+        "finite": "finite" if np.isfinite(gmr[["removed", "kept"]].to_numpy()).all() else "not finite",
+    }

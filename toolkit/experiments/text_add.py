@@ -13,8 +13,9 @@ the result table by the whole setup.
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -59,7 +60,7 @@ def setup(scale: str | None = None, seed: int = 0, **overrides: Any) -> TextAddS
         scale=scale, seed=seed, model=p("tiny-bert", MINILM, "roberta-base"),
         tasks=p(("bbc", "tweets", "spam"), ("bbc", "tweets", "spam"),
                 ("imdb", "yelp", "rotten_tomatoes", "sst2", "amazon")),
-        top_layers=p(1, 2, 12), n_train=p(32, 480, 8000), n_val=p(8, 48, 500), n_test=p(16, 300, 1000),
+        top_layers=p(1, 1, 12), n_train=p(32, 480, 8000), n_val=p(8, 48, 500), n_test=p(16, 300, 1000),
         max_len=p(32, 32, 256), batch_size=p(8, 16, 16), steps=p(4, 30, 500), lr=p(1e-3, 2e-4, 1e-5),
         fisher_kind="mc", fisher_examples=p(8, 256, 1000),
         alphas=p((0.5, 1.0), (0.25, 0.5, 1.0, 1.5, 2.0), (0.2, 0.5, 1.0, 1.5, 2.0)),
@@ -87,6 +88,11 @@ def _batches(s: TextAddSetup, data: T.TextSet, order=None, batch_size: int | Non
     return E.batches(_feats(s, data), data.labels, batch_size or s.batch_size, order, s.device)
 
 
+def _eval_batches(s: TextAddSetup, data: T.TextSet) -> list:
+    feats = _feats(s, data)
+    return E.batches(feats, data.labels, 64, E.by_length(feats), s.device)
+
+
 def _train_order(s: TextAddSetup, n: int, salt: str) -> list[int]:
     """Example order of fine-tuning: `steps` batches cycling through seeded permutations."""
     rng, out = random.Random(f"{s.seed}:{salt}"), []
@@ -98,7 +104,7 @@ def _train_order(s: TextAddSetup, n: int, salt: str) -> list[int]:
 
 
 def _ft_cfg(s: TextAddSetup, what: str) -> dict:
-    return {"exp": "text-add", "model": s.model, "top": s.top_layers, "what": what, "n": s.n_train,
+    return {"exp": "text-add-v3", "model": s.model, "top": s.top_layers, "what": what, "n": s.n_train,
             "data": [_split(s, t, "train").fingerprint() for t in s.tasks], "steps": s.steps, "lr": s.lr,
             "bs": s.batch_size, "len": s.max_len, "seed": s.seed}
 
@@ -152,15 +158,12 @@ class _Heads(torch.nn.Module):
 
 def task_fisher(s: TextAddSetup, name: str, ft: dict) -> dict[str, Tensor]:
     """F_t of the body at theta_t: per-example mean diagonal Fisher (toolkit.curvature)."""
-    from ..curvature import fisher
-
     def compute():
         train = _split(s, name, "train")
         model, _ = E.classifier(s.model, len(train.classes), s.seed, s.top_layers)
         model.load_state_dict({**ft["body"], **ft["head"]}, strict=False)
-        f = fisher(model.to(s.device), iter(_batches(s, train)), s.fisher_kind, seed=s.seed, progress=False,
-                   max_examples=s.fisher_examples, params=lambda k: not E.is_head(k))
-        return {k: v.cpu() for k, v in f.items() if k in ft["body"]}
+        return E.fisher(model.to(s.device), _batches(s, train), s.fisher_kind, s.seed, s.fisher_examples,
+                        params=lambda k: k in ft["body"])
     return cache.cached("language-fisher", {**_ft_cfg(s, name), "fisher": [s.fisher_kind, s.fisher_examples]},
                         compute)
 
@@ -173,7 +176,7 @@ def mean_precision(fishers, sizes) -> float:
 
 def _table_cfg(s: TextAddSetup) -> dict:
     data = [_split(s, t, sp).fingerprint() for t in s.tasks for sp in ("train", "val", "test")]
-    return {"exp": "text-add-v2", **asdict(s), "data": data, "methods": list(METHODS)}
+    return {"exp": "text-add-v3", **asdict(s), "data": data, "methods": list(METHODS)}
 
 
 def prepare(s: TextAddSetup | None = None, *, progress: bool = True) -> None:
@@ -207,7 +210,7 @@ def _run(s: TextAddSetup, progress: bool) -> list[dict]:
         models = {t: E.classifier(s.model, len(splits[t, "test"].classes), s.seed, s.top_layers)[0].to(s.device)
                   for t in s.tasks}
         base = {k: v for k, v in trainable(models[s.tasks[0]]).items() if not E.is_head(k)}
-        evals = {k: _batches(s, d, batch_size=64) for k, d in splits.items()}
+        evals = {k: _eval_batches(s, d) for k, d in splits.items()}
         bodies = [fts[t]["body"] for t in s.tasks]
         sizes = [float(len(_split(s, t, "train"))) for t in s.tasks]
         unit = mean_precision(fs, sizes)
@@ -262,3 +265,98 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
         alpha=("alpha", lambda a: " ".join(f"{x:g}" for x in a.drop_duplicates()) if a.notna().any() else ""),
         delta_rel=("delta_rel", lambda a: " ".join(f"{x:g}" for x in a.drop_duplicates()) if a.notna().any() else ""))
     return out.join(knobs).reset_index(level=0)
+
+
+def run_seeds(seeds: Sequence[int], scale: str | None = None, progress: bool = False,
+              **overrides: Any) -> pd.DataFrame:
+    """`prepare` and `run` for every seed (cached), one table."""
+    return E.run_seeds(sys.modules[__name__], seeds, scale, progress, **overrides)
+
+
+def table(df: pd.DataFrame) -> pd.DataFrame:
+    """The chapter's table: `summary` (mean and sd over seeds, chosen knobs) with the mean test
+    accuracy per task, rows labelled as in the figures."""
+    from ..plots import method_label
+    test = df[df["split"] == "test"]
+    tasks = list(dict.fromkeys(test["task"]))
+    per_task = test.groupby(["method", "task"], sort=False)["accuracy"].mean().unstack("task")[tasks]
+    cols = ["accuracy", "accuracy sd", "normalised", "normalised sd", "alpha", "delta_rel"]
+    out = summary(df)[cols].join(per_task)
+    out.index = [method_label(m) for m in out.index]
+    return out
+
+
+def alpha_curve(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (method, delta, alpha) of the validation grid: mean and sd over seeds of the mean
+    validation accuracy over tasks."""
+    grid = df[df["study"] == "grid"]
+    keys = ["method", "delta_rel", "alpha"]
+    per_seed = grid.groupby([*keys, "seed"], sort=False, dropna=False)["accuracy"].mean()
+    return per_seed.groupby(keys, sort=False, dropna=False).agg(["mean", "std"]).reset_index()
+
+
+def figure(curve: pd.DataFrame):
+    """Mean validation accuracy against alpha per method (and delta), error bars over seeds;
+    dotted lines for methods in which a common alpha cancels."""
+    from .. import plots
+    fig, ax = plots.figure(width=6.0, height=4.0)
+    styles = iter(["-", "--", ":", "-."])
+    for (m, d), g in curve.groupby(["method", "delta_rel"], sort=False, dropna=False):
+        if METHODS[m].alpha_cancels:
+            ax.axhline(g["mean"].item(), ls=":", color=plots.method_color(m), label=plots.method_label(m))
+            continue
+        label = plots.method_label(m) + ("" if pd.isna(d) else f", $\\delta = {d:g}\\,\\overline{{N_t F_t}}$")
+        ax.errorbar(g["alpha"], g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=2,
+                    color=plots.method_color(m), ls="-" if pd.isna(d) else next(styles), label=label)
+    ax.set(xlabel=r"scaling factor $\alpha$ (TIES: $\lambda$)", ylabel="mean validation accuracy")
+    plots.legend_outside(ax)
+    return fig
+
+
+def quotes(s: TextAddSetup, df: pd.DataFrame) -> dict[str, Any]:
+    """Every number and verdict the chapter quotes about adding tasks (keys without the
+    chapter's prefix). Verdicts follow the one tie rule (`pipeline.compare` over per-seed means)."""
+    from ..plots import method_label
+    test = df[df["split"] == "test"]
+    summ = summary(df)
+    norm, acc = P.by_seed(test, "normalised"), P.by_seed(test, "accuracy")
+    merges = [m for m in METHODS if m in summ.index and m in norm]
+    ranked = sorted(merges, key=lambda m: -summ.loc[m, "normalised"])
+    winner, runner, last = ranked[0], ranked[1], ranked[-1]
+    gm_ta = P.paired(norm["gradient_matching"], norm["task_arithmetic"])
+    win = P.paired(norm[winner], norm[runner])
+    mt = P.paired(acc["multi-task model"], acc[winner])
+    ind = test[test["study"] == "individual"].groupby("task")["accuracy"].mean()
+    curve = alpha_curve(df)
+    ta_curve = curve[curve["method"] == "task_arithmetic"]["mean"]
+    gm_curve = curve[curve["method"] == "gradient_matching"].groupby("delta_rel")["mean"]
+    gm_spread = gm_curve.max() - gm_curve.min()
+    q = {
+        "steps": s.steps, "bs": s.batch_size, "n": s.n_train, "val": s.n_val, "test": s.n_test,
+        "len": s.max_len, "fex": s.fisher_examples, "top": s.top_layers, "lr": s.lr,
+        "alphas": ", ".join(f"{a:g}" for a in s.alphas), "deltas": ", ".join(f"{d:g}" for d in s.deltas),
+        "seeds": int(df["seed"].nunique()),
+        **{f"ind-{t}": float(ind[t]) for t in s.tasks},
+        "base-mean": float(summ.loc["base body, task head", "accuracy"]),
+        "mt-acc": float(summ.loc["multi-task model", "accuracy"]),
+        "mt-norm": float(summ.loc["multi-task model", "normalised"]),
+        **{f"norm-{m}": float(summ.loc[m, "normalised"]) for m in merges},
+        **{f"normsd-{m}": float(summ.loc[m, "normalised sd"]) for m in merges},
+        "winner": method_label(winner), "winner-norm": float(summ.loc[winner, "normalised"]),
+        "runner": method_label(runner), "win-lo": win["lo"], "win-hi": win["hi"],
+        "win-verdict": P.compare(norm, winner, runner, higher="ahead in every seed", tie="a tie"),
+        "last": method_label(last), "last-norm": float(summ.loc[last, "normalised"]),
+        "gm-ta-diff": gm_ta["diff"], "gm-ta-lo": gm_ta["lo"], "gm-ta-hi": gm_ta["hi"],
+        "gm-ta-verdict": P.compare(norm, "gradient_matching", "task_arithmetic",
+                                   higher="above task arithmetic in every seed",
+                                   lower="below task arithmetic in every seed",
+                                   tie="a tie: the per-seed differences have both signs"),
+        "mt-gap": mt["diff"], "mt-lo": mt["lo"], "mt-hi": mt["hi"],
+        "mt-verdict": P.compare(acc, "multi-task model", winner,
+                                higher="the multi-task model is ahead in every seed",
+                                lower="the best merge is ahead in every seed", tie="a tie"),
+        "spread-ta": float(ta_curve.max() - ta_curve.min()),
+        "spread-gm-lo": float(gm_spread.iloc[0]), "spread-gm-hi": float(gm_spread.iloc[-1]),
+        "delta-lo": float(gm_spread.index[0]), "delta-hi": float(gm_spread.index[-1]),
+    }
+    return q
