@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from toolkit import related as R
+from toolkit import data as D, related as R
 from toolkit.experiments import pipeline as P, vision as E
 from toolkit.merge import METHODS, register
 
@@ -49,7 +49,9 @@ def test_scores_choose_on_validation_and_report_the_whole_test_split(cache_env):
     A = E.artifacts(s, progress=False)
     bbs = [ft["backbone"] for ft in A["finetuned"]]
     score = R.Scorer(s, [ft["head"] for ft in A["finetuned"]], bbs, A["vals"], A["tests"])
-    assert score.ev["test"].tests is A["tests"]  # the whole test split, untouched
+    for got, full in zip(score.ev["test"].tests, A["tests"]):  # the whole test split, untouched
+        x, y = D.as_tensors(full)
+        assert len(got) == len(full) and torch.equal(got.tensors[0], x) and torch.equal(got.tensors[1], y)
     for v, full in zip(score.ev["val"].tests, A["vals"]):  # validation: carved from training data
         assert len(v) == min(len(full), R.val_cap(s.scale) or len(full))
     assert score(bbs[0], "test")[0] == pytest.approx(1.0)  # task 0's own model: the unit
