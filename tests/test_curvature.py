@@ -1,6 +1,7 @@
 """Diagonal Fisher estimators: brute force, backend agreement, MC statistics, BackPACK, causal LMs."""
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -803,3 +804,27 @@ def test_a_layer_output_shared_by_the_batch_is_expanded_per_example():
         z = eng.forward(ids)
         eng.backward(z, torch.randn_like(z))
     assert eng.loop == [] and eng.expanded
+
+
+def test_attention_key_bias_is_zero_up_to_rounding_and_stays_on_the_fast_path():
+    """A key bias shifts every score of a query alike, which the softmax cancels: its gradient is
+    rounding noise that no per-example rule reproduces. The check must accept it (relative to the
+    pass's gradients), not send it through the per-example loop."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    data_ = [({"input_ids": torch.randint(1, 40, (6, 9), generator=g)}, torch.randint(0, 3, (6,), generator=g))
+             for _ in range(2)]
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = fisher(model, data_, "empirical", progress=False)
+    assert not [x for x in w if "key.bias" in str(x.message)]
+    ref = fisher(model, data_, "empirical", backend="loop", progress=False)
+    top = max(float(v.max()) for v in ref.values())
+    for k, v in ref.items():
+        assert torch.allclose(got[k], v, rtol=1e-3, atol=1e-6 * top), k
+    bias = "bert.encoder.layer.0.attention.self.key.bias"
+    assert float(ref[bias].max()) < 1e-9 * top  # zero up to rounding

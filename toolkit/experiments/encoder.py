@@ -152,19 +152,10 @@ def is_head(name: str) -> bool:
     return name.startswith("classifier.")
 
 
-def zero_gradient(name: str) -> bool:
-    """Attention key biases: b shifts every score of a query by the same q.b, which the softmax
-    cancels, so their gradient and Fisher are exactly zero (numerically, noise that no
-    per-example rule can match: the Fisher leaves them out and gives them zeros)."""
-    return name.endswith("attention.self.key.bias")
-
-
 def fisher(model: nn.Module, data: list, kind: str, seed: int, max_examples: int,
            params=lambda k: True) -> dict[str, Tensor]:
-    """toolkit.curvature.fisher of the parameters passing `params`, on the CPU, with exact zeros
-    for the attention key biases (`zero_gradient`)."""
+    """toolkit.curvature.fisher of the parameters passing `params`, as a plain dict on the CPU
+    (what the cache stores)."""
     from ..curvature import fisher as estimate
-    f = estimate(model, iter(data), kind, seed=seed, progress=False, max_examples=max_examples,
-                 params=lambda k: params(k) and not zero_gradient(k))
-    return {k: f[k].cpu() if k in f else torch.zeros_like(p, device="cpu")
-            for k, p in model.named_parameters() if p.requires_grad and params(k)}
+    f = estimate(model, iter(data), kind, seed=seed, progress=False, max_examples=max_examples, params=params)
+    return {k: v.cpu() for k, v in f.items()}
