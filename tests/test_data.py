@@ -1,4 +1,5 @@
 """Embedded vision data (checksums, corruption, missing files) and torchvision loading from a fake root."""
+import json
 import re
 import shutil
 import struct
@@ -117,3 +118,34 @@ def test_full_scale_without_the_data_is_a_clear_error(tmp_path):
         V.task_data(V.Task("MNIST", "MNIST"), "full")
     with pytest.raises(MergeError, match="unknown torchvision"):
         D.load_torchvision("ImageNet", tmp_path, train=True)
+
+
+def test_embedded_base_model_is_checked_and_states_the_recipe_it_was_trained_with(tmp_path):
+    from toolkit.experiments import vision as E
+    state, recipe = D.load_model(E.EMBEDDED_BASE)
+    assert recipe == json.loads(json.dumps(E.base_recipe(E.setup("small")))), \
+        "the pretraining recipe changed: rerun data/vision/make_base.py and update its sha256"
+    V.make_backbone(V.VIT["small"]).load_state_dict(state)  # every key and shape of the small ViT
+    card = (D.DATA_DIR / f"{E.EMBEDDED_BASE}.md").read_text()
+    assert D.EMBEDDED_MODELS[E.EMBEDDED_BASE] in card and "Licence" in card
+    raw = bytearray((D.DATA_DIR / f"{E.EMBEDDED_BASE}.pt").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (tmp_path / f"{E.EMBEDDED_BASE}.pt").write_bytes(bytes(raw))
+    with pytest.raises(MergeError, match="corrupt"):
+        D.load_model(E.EMBEDDED_BASE, tmp_path)
+    with pytest.raises(MergeError, match="missing"):
+        D.load_model(E.EMBEDDED_BASE, tmp_path / "nowhere")
+    with pytest.raises(MergeError, match="unknown embedded model"):
+        D.load_model("vit_huge")
+
+
+def test_small_scale_starts_from_the_shipped_base_and_trains_when_the_recipe_differs(tmp_path, monkeypatch):
+    from toolkit.experiments import vision as E
+    monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path))
+    trained = []
+    monkeypatch.setattr(E, "pretrain", lambda s, progress=True: trained.append(s) or {"w": torch.zeros(1)})
+    state, _ = E.base_backbone(E.setup("small"))
+    assert not trained and torch.equal(state["pos_embed"], D.load_model(E.EMBEDDED_BASE)[0]["pos_embed"])
+    with pytest.warns(UserWarning, match="another recipe"):
+        other, _ = E.base_backbone(E.setup("small", pretrain_steps=10))
+    assert len(trained) == 1 and set(other) == {"w"}

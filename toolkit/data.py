@@ -28,6 +28,11 @@ EMBEDDED: dict[str, str] = {
     "digits": "58c23b254c8113151a2a1c8593bdc1bc4bf757fe175393ce74067cc36c75cca3",
 }
 KEYS = ("x_train", "y_train", "x_test", "y_test")
+# sha256 of each embedded model (data/vision/<name>.pt: {"recipe": JSON text, "state_dict": ...}),
+# as printed by data/vision/make_base.py and stated in its data card.
+EMBEDDED_MODELS: dict[str, str] = {
+    "vit_base_small": "e735cb72f9c6097ad9d90fca98d3edaf51f1ae9eb7d61059726ecd0585e21ac9",
+}
 
 
 def sha256(path: Path) -> str:
@@ -48,15 +53,30 @@ def load_arrays(name: str, root: str | Path | None = None) -> dict[str, np.ndarr
     if name not in EMBEDDED:
         raise MergeError(f"unknown embedded data set {name!r}; known: {', '.join(EMBEDDED)}")
     path = data_dir(root) / f"{name}.npz"
-    if not path.is_file():
-        raise MergeError(f"embedded data file {path} is missing; restore it from git "
-                         "(or rebuild it with data/vision/make_data.py)")
-    got = sha256(path)
-    if got != EMBEDDED[name]:
-        raise MergeError(f"embedded data file {path} is corrupt: sha256 {got[:12]}... does not match the "
-                         f"expected {EMBEDDED[name][:12]}... (see data/vision/{name}.md); restore it from git")
+    _checked(path, EMBEDDED[name], f"{name}.md")
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in KEYS}
+
+
+def _checked(path: Path, want: str, card: str) -> None:
+    if not path.is_file():
+        raise MergeError(f"embedded file {path} is missing; restore it from git (see data/vision/{card})")
+    got = sha256(path)
+    if got != want:
+        raise MergeError(f"embedded file {path} is corrupt: sha256 {got[:12]}... does not match the "
+                         f"expected {want[:12]}... (see data/vision/{card}); restore it from git")
+
+
+def load_model(name: str, root: str | Path | None = None) -> tuple[dict[str, Tensor], dict]:
+    """An embedded model's state dict and the recipe (configuration) it was trained with, after
+    checking its sha256; callers compare the recipe with theirs before using the weights."""
+    import json
+    if name not in EMBEDDED_MODELS:
+        raise MergeError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED_MODELS)}")
+    path = Path(root or DATA_DIR) / f"{name}.pt"
+    _checked(path, EMBEDDED_MODELS[name], f"{name}.md")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    return blob["state_dict"], json.loads(blob["recipe"])
 
 
 def to_tensor_dataset(x: np.ndarray, y: np.ndarray,
