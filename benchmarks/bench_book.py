@@ -26,7 +26,7 @@ from toolkit.measure import measure
 ROOT = Path(__file__).resolve().parent.parent
 # seconds of wall time on 2 quiet cores, per chapter of a cold `small` build; the rest of 20 min is Sphinx
 BUDGET = {"01_averaging": 30, "02_mismatch": 35, "03_gradient_matching": 30, "04_fisher": 25,
-          "05_vision": 330, "06_language": 420, "07_related": 150, "scaling_up": 60}
+          "05_vision": 390, "06_language": 360, "07_related": 130, "scaling_up": 50}
 BOOK_BUDGET = 20 * 60
 SPHINX = 90  # seconds Jupyter Book spends besides executing the notebooks (measured: about 1-1.5 min)
 

@@ -1,6 +1,6 @@
 """The related methods on the vision benchmark (chapter 7): the leaderboard of every registered
 method and WEMoE, and the studies of IVON's free uncertainty and Weight Scope Alignment; one seed
-per call (`over_seeds` runs several), every claim made over seeds with `pipeline.paired`.
+per call (`over_seeds` and `seed_jobs` run several side by side), every claim made over seeds with `pipeline.paired`.
 
 Protocol: every knob (alpha from `Method.grid`, the others from `KNOBS`, WEMoE's adaptation
 steps) is chosen on the validation split chapter 5 carves from each task's training data
@@ -12,6 +12,7 @@ recomputed). Results are cached per seed (`toolkit.cache`), keyed by everything 
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import statistics as stat
 import time
@@ -236,10 +237,22 @@ def _table(s: E.VisionSetup, A: dict, what: str, compute: Callable[[], list[dict
     return pd.DataFrame(rows).assign(seed=s.seed)
 
 
+def _at_seed(fn: Callable[..., pd.DataFrame], scale: str | None, kw: dict, seed: int) -> pd.DataFrame:
+    return fn(E.setup(scale, seed), **kw).reset_index()
+
+
+def seed_jobs(fn: Callable[..., pd.DataFrame], seeds: Sequence[int], scale: str | None = None,
+              **kw: Any) -> list[tuple]:
+    """One job per seed for `pipeline.parallel` / `pipeline.tables`: fn(E.setup(scale, seed), **kw)
+    as a table with its index reset (`fn` a function of this module, so spawned processes find it)."""
+    return [(functools.partial(_at_seed, fn, scale, kw), (seed,)) for seed in seeds]
+
+
 def over_seeds(fn: Callable[..., pd.DataFrame], seeds: Sequence[int], scale: str | None = None,
                **kw: Any) -> pd.DataFrame:
-    """fn(E.setup(scale, seed), **kw) for every seed, one table (index reset, a `seed` column)."""
-    return pd.concat([fn(E.setup(scale, seed), **kw).reset_index() for seed in seeds], ignore_index=True)
+    """fn(E.setup(scale, seed), **kw) for every seed, side by side on the CPU cores
+    (`pipeline.tables`): one table (index reset, a `seed` column)."""
+    return P.tables(seed_jobs(fn, seeds, scale, **kw))[0]
 
 
 # ---------------------------------------------------------------------------------------------
