@@ -18,7 +18,7 @@ import torch
 from .atomic import atomic_file
 from .errors import MergeError
 
-VERSION = 1  # bump when the code that makes cached values changes meaning
+VERSION = 2  # bump when the code that makes cached values changes meaning
 T = TypeVar("T")
 
 

@@ -68,7 +68,9 @@ def parallel(jobs: Sequence[tuple[Callable[..., Any], tuple]], workers: int | No
     another in this process. Small models use two cores better as two single-threaded jobs than
     as one job on two threads (a ViT training step: 82 ms on one thread, 60 ms on two). The jobs'
     functions must be importable (spawned processes) and should cache what they make, with
-    anything they share made beforehand, since the processes do not see each other's work."""
+    anything they share made beforehand, since the processes do not see each other's work. The
+    spawned processes import the main module: a script that calls this needs the
+    `if __name__ == "__main__":` guard (notebooks and `python -m toolkit.experiments` have it)."""
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers <= 1 or len(jobs) <= 1 or cache.cache_dir() is None or torch.cuda.is_available():
         return [fn(*args) for fn, args in jobs]
