@@ -365,8 +365,8 @@ def summary(lb: pd.DataFrame, names: Sequence[str] = ()) -> pd.DataFrame:
     return out.sort_values("test", ascending=False)
 
 
-WORDS = {"higher": "higher on every seed", "lower": "lower on every seed",
-         "tie": "a tie (the seeds disagree on the sign)"}
+WORDS = {"higher": "higher", "lower": "lower",
+         "tie": "a tie (the mean difference is within the seeds' noise)"}
 
 
 def verdict(seeds: pd.DataFrame, a: str, b: str, **words: str) -> str:

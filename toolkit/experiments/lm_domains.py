@@ -116,7 +116,7 @@ def quotes(s: LMSetup, df: pd.DataFrame, totals: pd.DataFrame) -> dict[str, Any]
     lengths = totals["tokens per sequence"]
     short = lengths.idxmin()
     gm, gm_tok = "gradient_matching", label("gradient_matching", "token")
-    lower = dict(higher="higher in every seed", lower="lower in every seed", tie="a tie")
+    lower = dict(higher="higher", lower="lower", tie="a tie")
     return {
         "steps": s.steps, "bs": s.batch_size, "n": s.n_train, "len": s.max_len, "fex": s.fisher_examples,
         "ftok": s.fisher_tokens, "top": s.top_layers, "delta": s.delta, "val": s.n_val, "test": s.n_test,

@@ -310,8 +310,8 @@ def quotes(s: SourcesSetup, df: pd.DataFrame) -> dict[str, Any]:
     best, closest = max(merges, key=lambda m: test[m].mean()), min(merges, key=lambda m: dist[m].mean())
     pts = points(df)
     pts = pts[pts["method"].isin(merges)]
-    verdict = dict(higher="higher in every seed", lower="lower in every seed",
-                   tie="a tie: the per-seed differences have both signs")
+    verdict = dict(higher="higher", lower="lower",
+                   tie="a tie: the mean difference is within the seeds' noise")
     return {
         "len": s.max_len, "val": s.n_val, "test": s.n_test, "fex": s.fisher_examples,
         "mex": s.mismatch_examples, "n0": s.sizes[0], "nmin": min(s.sizes[1:]), "nmax": max(s.sizes[1:]),
