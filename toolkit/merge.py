@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import validate
+from .checkpoint.writer import all_finite
 from .errors import MergeError
 
 StateDict = Mapping[str, Tensor]
@@ -289,8 +290,8 @@ def check_fisher(f: Tensor, ref: Tensor, what: str) -> None:
         raise MergeError(f"{what} has dtype {f.dtype}; Fishers must be floating point")
     if f.numel() == 0:
         return
-    lo, hi = torch.aminmax(f)  # one pass; NaN propagates into both
-    if not (bool(lo >= 0) and bool(hi < math.inf)):
+    lo, hi = (x.item() for x in torch.aminmax(f))  # one pass; NaN propagates into both
+    if not (lo >= 0 and hi < math.inf):
         if not torch.isfinite(f).all():
             raise MergeError(f"{what} has {int((~torch.isfinite(f)).sum())} non-finite values (NaN or inf)")
         raise MergeError(f"{what} has {int((f < 0).sum())} negative values; a diagonal Fisher is >= 0")
@@ -357,7 +358,7 @@ def _check_fits(name: str, cd: torch.dtype, alphas: list[float], knobs: Mapping[
 
 def check_finite(name: str, t: Tensor) -> None:
     """A merged tensor must be finite: a NaN or inf is never written silently."""
-    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and t.numel() and not all_finite(t):
         raise MergeError(f"the merged {name!r} has {int((~torch.isfinite(t)).sum())} non-finite values "
                          f"(NaN or inf) in {str(t.dtype).removeprefix('torch.')}: an alpha or option too large "
                          "for the dtype, or non-finite inputs; nothing was written")
