@@ -15,6 +15,7 @@ method appears at once in the CLI, the streaming merge, every experiment table a
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import inspect
 import math
@@ -136,10 +137,11 @@ def average(base: Tensor, thetas: list[Tensor], alphas: list[float]) -> Tensor:
 @register("task_arithmetic", elementwise=True, label="task arithmetic", color="#de8f05")
 def task_arithmetic(base: Tensor, thetas: list[Tensor], alphas: list[float]) -> Tensor:
     """Task arithmetic: theta_0 + sum_t alpha_t tau_t (alpha_t < 0 negates a task vector)."""
-    out, tau = base.clone(), scratch(base, 0)
-    for a, th in zip(alphas, thetas):  # one scratch buffer for every tau_t
-        out.add_(torch.sub(th, base, out=tau), alpha=a)
-    return out
+    tau, out = scratch(base, 0), None
+    for a, th in zip(alphas, thetas):  # one scratch buffer for every tau_t; the first add makes out
+        torch.sub(th, base, out=tau)
+        out = torch.add(base, tau, alpha=a) if out is None else out.add_(tau, alpha=a)
+    return base.clone() if out is None else out
 
 
 def _trim(tau: Tensor, density: float) -> Tensor:
@@ -332,7 +334,7 @@ def merge_tensor(method: str | Method, name: str, base: Tensor, thetas: Sequence
             check_fisher(base_fisher, base, f"base Fisher for {name!r}")
         kw["fishers"] = [f.to(cd) for f in fishers]
         kw["sizes"] = _check_sizes(m, sizes, len(thetas))
-        if "base_fisher" in inspect.signature(m.fn).parameters:
+        if _takes(m.fn, "base_fisher"):
             kw["base_fisher"] = None if base_fisher is None else base_fisher.to(cd)
     for stat in m.stats:
         if stat == "fishers":
@@ -345,6 +347,12 @@ def merge_tensor(method: str | Method, name: str, base: Tensor, thetas: Sequence
     out = m.fn(base.to(cd), [th.to(cd) for th in thetas], alphas, **kw).to(base.dtype)
     check_finite(name, out)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _takes(fn: Callable, param: str) -> bool:
+    """Whether `fn` has a parameter `param`; cached, as inspect.signature costs more than merging a chunk."""
+    return param in inspect.signature(fn).parameters
 
 
 def _check_fits(name: str, cd: torch.dtype, alphas: list[float], knobs: Mapping[str, Any]) -> None:
