@@ -157,6 +157,19 @@ def test_writes_refuse_folders_files_in_the_way_and_non_finite_data(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file", "model-00001-of-00001.safetensors"]
 
 
+def test_all_finite_matches_isfinite():
+    """The writer's and merge_tensor's one-pass check (aminmax) agrees with isfinite in every float dtype."""
+    from toolkit.checkpoint.writer import all_finite
+
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.float8_e5m2):
+        for bad in (None, float("nan"), float("inf"), -float("inf")):
+            x = torch.linspace(-3, 3, 1000, dtype=torch.float32)
+            if bad is not None:
+                x[517] = bad
+            x = x.to(dtype)
+            assert all_finite(x) == bool(torch.isfinite(x).all()) == (bad is None), (dtype, bad)
+
+
 def test_parse_size_rejects_non_finite_numbers():
     for bad in (float("nan"), float("inf"), -1, 0, "1.2.3GB", ".GB", "..5"):
         with pytest.raises(MergeError):

@@ -15,6 +15,7 @@ method appears at once in the CLI, the streaming merge, every experiment table a
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import inspect
 import math
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from . import validate
+from .checkpoint.writer import all_finite
 from .errors import MergeError
 
 StateDict = Mapping[str, Tensor]
@@ -135,10 +137,11 @@ def average(base: Tensor, thetas: list[Tensor], alphas: list[float]) -> Tensor:
 @register("task_arithmetic", elementwise=True, label="task arithmetic", color="#de8f05")
 def task_arithmetic(base: Tensor, thetas: list[Tensor], alphas: list[float]) -> Tensor:
     """Task arithmetic: theta_0 + sum_t alpha_t tau_t (alpha_t < 0 negates a task vector)."""
-    out, tau = base.clone(), scratch(base, 0)
-    for a, th in zip(alphas, thetas):  # one scratch buffer for every tau_t
-        out.add_(torch.sub(th, base, out=tau), alpha=a)
-    return out
+    tau, out = scratch(base, 0), None
+    for a, th in zip(alphas, thetas):  # one scratch buffer for every tau_t; the first add makes out
+        torch.sub(th, base, out=tau)
+        out = torch.add(base, tau, alpha=a) if out is None else out.add_(tau, alpha=a)
+    return base.clone() if out is None else out
 
 
 def _trim(tau: Tensor, density: float) -> Tensor:
@@ -289,8 +292,8 @@ def check_fisher(f: Tensor, ref: Tensor, what: str) -> None:
         raise MergeError(f"{what} has dtype {f.dtype}; Fishers must be floating point")
     if f.numel() == 0:
         return
-    lo, hi = torch.aminmax(f)  # one pass; NaN propagates into both
-    if not (bool(lo >= 0) and bool(hi < math.inf)):
+    lo, hi = (x.item() for x in torch.aminmax(f))  # one pass; NaN propagates into both
+    if not (lo >= 0 and hi < math.inf):
         if not torch.isfinite(f).all():
             raise MergeError(f"{what} has {int((~torch.isfinite(f)).sum())} non-finite values (NaN or inf)")
         raise MergeError(f"{what} has {int((f < 0).sum())} negative values; a diagonal Fisher is >= 0")
@@ -331,7 +334,7 @@ def merge_tensor(method: str | Method, name: str, base: Tensor, thetas: Sequence
             check_fisher(base_fisher, base, f"base Fisher for {name!r}")
         kw["fishers"] = [f.to(cd) for f in fishers]
         kw["sizes"] = _check_sizes(m, sizes, len(thetas))
-        if "base_fisher" in inspect.signature(m.fn).parameters:
+        if _takes(m.fn, "base_fisher"):
             kw["base_fisher"] = None if base_fisher is None else base_fisher.to(cd)
     for stat in m.stats:
         if stat == "fishers":
@@ -346,6 +349,12 @@ def merge_tensor(method: str | Method, name: str, base: Tensor, thetas: Sequence
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _takes(fn: Callable, param: str) -> bool:
+    """Whether `fn` has a parameter `param`; cached, as inspect.signature costs more than merging a chunk."""
+    return param in inspect.signature(fn).parameters
+
+
 def _check_fits(name: str, cd: torch.dtype, alphas: list[float], knobs: Mapping[str, Any]) -> None:
     """Alphas and float knobs representable in the compute dtype (1e39 is inf in float32)."""
     big = torch.finfo(cd).max
@@ -357,7 +366,7 @@ def _check_fits(name: str, cd: torch.dtype, alphas: list[float], knobs: Mapping[
 
 def check_finite(name: str, t: Tensor) -> None:
     """A merged tensor must be finite: a NaN or inf is never written silently."""
-    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and t.numel() and not all_finite(t):
         raise MergeError(f"the merged {name!r} has {int((~torch.isfinite(t)).sum())} non-finite values "
                          f"(NaN or inf) in {str(t.dtype).removeprefix('torch.')}: an alpha or option too large "
                          "for the dtype, or non-finite inputs; nothing was written")

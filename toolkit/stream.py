@@ -232,7 +232,9 @@ def merge_checkpoints(base: PathLike, models: Sequence[PathLike], output: PathLi
         bytes_read = 0
         with atomic_dir(output, overwrite) as tmp:
             meta = {"merge_method": m.name, "merge_alphas": ",".join(map(str, alphas))}
-            writer = ShardWriter(tmp, specs, shard_size, meta)
+            # merge_tensor has checked every chunk finite in the base's dtype; the writer checks
+            # again only where its cast to `dtype` could overflow (one pass less per chunk)
+            writer = ShardWriter(tmp, specs, shard_size, meta, finite=out_dtype is not None)
             jobs = ((spec, s, n) for spec in writer.order for s, n in ctx.spans(spec.name, not m.elementwise))
             pending: deque = deque()
             try:

