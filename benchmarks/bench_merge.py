@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -85,7 +86,7 @@ def write_checkpoint(path: Path, shapes: dict, make, n_shards: int, config: dict
 
 def make_inputs(work: Path, params: int, n_models: int, n_shards: int) -> tuple[list[Path], list[Path]]:
     config, shapes = llama_shapes(params)
-    base_of = lambda n, s: torch.randn(s, generator=torch.Generator().manual_seed(hash(n) % 2**31)) * 0.02  # noqa: E731
+    base_of = lambda n, s: torch.randn(s, generator=torch.Generator().manual_seed(zlib.crc32(n.encode()))) * 0.02  # noqa: E731
     write_checkpoint(work / "base", shapes, base_of, n_shards, config)
     dirs, fishers = [], []
     for t in range(n_models):
