@@ -435,6 +435,32 @@ def summary(lb: pd.DataFrame, names: Sequence[str] = ()) -> pd.DataFrame:
     return out.sort_values("test", ascending=False)
 
 
+def board_figure(res: pd.DataFrame, seeds: pd.DataFrame, width: float = 7.0):
+    """The leaderboard as bars: a `summary`'s mean normalised test score per method (whiskers:
+    one sd over seeds, dots: the seeds of a `pipeline.by_seed` table), WEMoE hatched, the
+    individual models dashed at 1."""
+    import numpy as np
+
+    from . import plots
+    fig, ax = plots.figure(width=width, height=3.8)
+    order = list(res.index)
+    x = np.arange(len(order))
+    bars = ax.bar(x, res["test"], yerr=res["test sd"].fillna(0), capsize=3,
+                  color=[plots.method_color(m) or "0.5" for m in order])
+    for i, m in enumerate(order):
+        if res.loc[m, "dynamic"]:
+            bars[i].set_hatch("//")
+        ys = seeds[m].dropna()
+        ax.plot(np.full(len(ys), i), ys, "k.", ms=4)
+    lo = float(seeds.min().min())
+    ax.set_ylim(min(lo, float((res["test"] - res["test sd"].fillna(0)).min())) - 0.01, 1.01)
+    ax.axhline(1.0, color="black", lw=1, ls="--")
+    ax.set(xticks=x, xticklabels=res["label"], ylabel="mean normalised test accuracy")
+    for lbl in ax.get_xticklabels():
+        lbl.set(rotation=35, ha="right", rotation_mode="anchor")
+    return fig
+
+
 WORDS = {"higher": "higher on every seed", "lower": "lower on every seed",
          "tie": "a tie (the seeds disagree on the sign)"}
 
@@ -669,11 +695,14 @@ def text_artifacts(s: TextAddSetup) -> dict:
 
 
 def _text_model(s: TextAddSetup, A: dict, i: int, body: StateDict | None = None):
-    """Task i's classifier with `body` (default: its own fine-tuned one) and its head."""
+    """Task i's classifier (one per task, reused) with `body` (default: its own fine-tuned one)
+    and its head."""
     from .experiments import encoder as EN
-    model = EN.classifier(s.model, len(A["train"][i].classes), s.seed, s.top_layers)[0]
-    model.load_state_dict({**(body or A["finetuned"][i]["body"]), **A["finetuned"][i]["head"]}, strict=False)
-    return model.to(s.device)
+    models = A.setdefault("models", {})
+    if i not in models:
+        models[i] = EN.classifier(s.model, len(A["train"][i].classes), s.seed, s.top_layers)[0].to(s.device)
+    models[i].load_state_dict({**(body or A["finetuned"][i]["body"]), **A["finetuned"][i]["head"]}, strict=False)
+    return models[i]
 
 
 def _text_batches(s: TextAddSetup, data, n: int | None = None) -> list:
@@ -685,8 +714,8 @@ def _text_stat(s: TextAddSetup, A: dict, i: int, name: str) -> dict:
     """STATISTICS[name] of task i's model at theta_t over its training texts, body names."""
     from .experiments import encoder as EN
     model = _text_model(s, A, i)
-    return measured(s, lambda: STATISTICS[name](s, model, iter(_text_batches(s, A["train"][i])),
-                                                lambda k: not EN.is_head(k)))
+    batches = _text_batches(s, A["train"][i], s.fisher_examples)  # chapter 6's Fishers' texts
+    return measured(s, lambda: STATISTICS[name](s, model, iter(batches), lambda k: not EN.is_head(k)))
 
 
 def text_statistic(s: TextAddSetup, A: dict, name: str) -> tuple[list[dict], float]:
@@ -714,11 +743,17 @@ def text_unit_step(s: TextAddSetup, A: dict) -> float:
                         lambda: train_step_seconds(s, _text_model(s, A, 0), x, y))
 
 
+def text_mismatch_examples(scale: str) -> int | None:
+    """Training texts per task for the mismatch's gradients (None: all); 64 at `small`, where the
+    nine gradients per seed and task are a sizeable part of the chapter's budget."""
+    return by_scale(None, 64, 1024, scale)
+
+
 def text_gradient(s: TextAddSetup, A: dict, i: int, body: StateDict) -> dict[str, Tensor]:
     """grad lbar_t of task i at `body` (its head): the summed loss over its first
-    `fisher_examples` training texts, scaled by N_t / n."""
+    `text_mismatch_examples` training texts, scaled by N_t / n."""
     from .train import loss_gradient
-    n = min(len(A["train"][i]), s.fisher_examples)
+    n = min(len(A["train"][i]), text_mismatch_examples(s.scale) or len(A["train"][i]))
     g = loss_gradient(_text_model(s, A, i, body), _text_batches(s, A["train"][i], n))
     return {k: g[k].cpu() * (A["sizes"][i] / n) for k in body}
 
@@ -743,6 +778,7 @@ def text_leaderboard(s: TextAddSetup | None = None, progress: bool = False,
     methods = {n: [list(m.stats), dict(m.defaults), m.alpha_cancels, m.scale_knob, m.label]
                for n, m in METHODS.items()}
     cfg = {**TA._table_cfg(s), "methods": methods, "search": KNOBS,
+           "mismatch": text_mismatch_examples(s.scale),
            "wemoe": [steps, *wemoe_settings(s.scale)[1:]]}
     with hub.quiet(TA._threads(s)):
         df = _rows("text-leaderboard", s.seed, cfg, lambda: _text_leaderboard(s, steps, progress))

@@ -48,6 +48,8 @@ class MoELinear(nn.Module):
         B, T = self.r.shape
         out_f, in_f = self.weight.shape
         xs = x.reshape(B, -1, in_f)  # [B, tokens, in]
+        if xs.shape[1] == 1:  # one token per example: the experts' outputs, no per-example weights
+            return self._one_token(xs[:, 0]).view(*x.shape[:-1], out_f)
         flat = self.taus_w.reshape(T, -1).to(x.dtype)
         per = max(1, self.chunk // self.weight.numel())
         ys = []
@@ -59,6 +61,16 @@ class MoELinear(nn.Module):
                 y = y + (r @ self.taus_b.to(x.dtype)).unsqueeze(1)
             ys.append(y if self.bias is None else y + self.bias)
         return torch.cat(ys).view(*x.shape[:-1], out_f)
+
+    def _one_token(self, x: Tensor) -> Tensor:
+        """x W_0^T + b_0 + sum_t r_t (x tau_W,t^T + tau_b,t) for x [B, in]: the same multiply-adds
+        as forming W_b (T + 1 per weight and example) without materialising B weight matrices
+        (BERT's last layer here computes the [CLS] token alone)."""
+        B, T = self.r.shape
+        r = self.r.to(x.dtype)
+        experts = (x @ self.taus_w.to(x.dtype).reshape(-1, x.shape[1]).T).view(B, T, -1)  # [B, T, out]
+        y = F.linear(x, self.weight, self.bias) + torch.einsum("bt,bto->bo", r, experts)
+        return y if self.taus_b is None else y + r @ self.taus_b.to(x.dtype)
 
 
 @dataclass(frozen=True)
