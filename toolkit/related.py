@@ -258,7 +258,8 @@ def sweep(s: P.Setup, method: str, base: StateDict, bbs: Sequence[StateDict], sc
     best = pick(df)
     test = score(merged, "test")
     at_knobs = df[df["knobs"].apply(lambda k: k == best["knobs"])]["val"]
-    return {"alpha": P.row_alpha(m, best["alpha"]), "knobs": best["knobs"], "val": best["val"],
+    alpha = P.row_alpha(m, float(best["alpha"]))  # plain floats: the cache loads weights only
+    return {"alpha": alpha, "knobs": best["knobs"], "val": float(best["val"]),
             "test": _mean(test), **dict(zip(names, test)),
             "test_acc": stat.mean(a * o for a, o in zip(test, score.own["test"])),
             "alpha_spread": float(at_knobs.max() - at_knobs.min()),
