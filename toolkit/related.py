@@ -745,9 +745,9 @@ def text_unit_step(s: TextAddSetup, A: dict) -> float:
 
 
 def text_mismatch_examples(scale: str) -> int | None:
-    """Training texts per task for the mismatch's gradients (None: all); 64 at `small`, where the
+    """Training texts per task for the mismatch's gradients (None: all); 32 at `small`, where the
     nine gradients per seed and task are a sizeable part of the chapter's budget."""
-    return by_scale(None, 64, 1024, scale)
+    return by_scale(None, 32, 1024, scale)
 
 
 def text_gradient(s: TextAddSetup, A: dict, i: int, body: StateDict) -> dict[str, Tensor]:
@@ -760,9 +760,12 @@ def text_gradient(s: TextAddSetup, A: dict, i: int, body: StateDict) -> dict[str
 
 
 def text_search(s: TextAddSetup, unit: float) -> dict[str, dict[str, tuple]]:
-    """`KNOBS` plus chapter 6's delta grid (relative to mean(N_t F_t)) for every method taking delta."""
+    """`KNOBS` plus chapter 6's delta grid (relative to mean(N_t F_t)) for every method taking
+    delta; at `small` TIES and DARE keep their default density and p (alpha still chosen): the
+    chapter's budget (each knob value is a sweep of alpha, a merge and an evaluation per point)."""
     deltas = tuple(d * unit for d in s.deltas)
-    return {**KNOBS, **{m.name: {"delta": deltas} for m in P.methods(option="delta")}}
+    fixed = {} if s.scale == "full" else {"ties": {}, "dare": {}}
+    return {**KNOBS, **fixed, **{m.name: {"delta": deltas} for m in P.methods(option="delta")}}
 
 
 def text_leaderboard(s: TextAddSetup | None = None, progress: bool = False,
@@ -778,7 +781,7 @@ def text_leaderboard(s: TextAddSetup | None = None, progress: bool = False,
     steps = wemoe_steps if wemoe_steps is not None else wemoe_settings(s.scale)[0]
     methods = {n: [list(m.stats), dict(m.defaults), m.alpha_cancels, m.scale_knob, m.label]
                for n, m in METHODS.items()}
-    cfg = {**TA._table_cfg(s), "methods": methods, "search": KNOBS,
+    cfg = {**TA._table_cfg(s), "methods": methods, "search": text_search(s, 1.0),
            "mismatch": text_mismatch_examples(s.scale),
            "wemoe": [steps, *wemoe_settings(s.scale)[1:]]}
     with hub.quiet(TA._threads(s)):
