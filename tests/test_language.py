@@ -302,3 +302,20 @@ def test_cli_writes_csv(tiny_cache, tmp_path):
     assert len(pd.read_csv(out)) == len(lm_remove.run(lm_domains.setup("tiny"), progress=False))
     with pytest.raises(MergeError, match="scale"):
         text_add.setup("huge")
+
+
+def test_encoder_features_on_disk_are_what_the_process_computes(tiny_cache):
+    """Chapter 7's worker processes read text-add's hidden states from the cache chapter 6 fills."""
+    from toolkit import cache
+    data = T.load_task("spam", "val", 8, n_test=16, n_val=8)
+    name = "tiny-bert"
+    computed = encoder.features(name, 1, 16, data)
+    encoder.forget()
+    stored = encoder.features(name, 1, 16, data, disk=True)  # computed again, written
+    cfg = {"model": name, "top": 1, "len": 16, "data": data.fingerprint()}
+    assert cache.path_for("language-features", cfg).is_file()
+    encoder.forget()
+    read = encoder.features(name, 1, 16, data, disk=True)  # read back in a "new process"
+    for a, b, c in zip(computed, stored, read):
+        assert torch.allclose(a, b, atol=1e-6) and torch.equal(b, c)
+    encoder.forget()

@@ -1,4 +1,6 @@
 """Fisher Mask Nodes: mask gradients equal a per-example brute force; node parameters merged by node."""
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -92,3 +94,30 @@ def test_bert_heads_and_neurons():
     assert all(e[k].shape == shapes[k] and (e[k] > 0).all() for k in e)
     with pytest.raises(MergeError, match="no attention heads"):
         node_groups(torch.nn.Linear(2, 2))
+
+
+def test_bert_mask_node_fishers_equal_per_example_brute_force():
+    """Chapter 6's top model: the last BERT layer computes the [CLS] token only (its context and
+    FFN inputs are [B, 1, features]); the mask gradients still equal the per-example chain rule."""
+    from transformers import BertConfig, BertForSequenceClassification
+    from toolkit.experiments.encoder import _first_token_only
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=2,
+                                                    num_attention_heads=2, intermediate_size=16,
+                                                    num_labels=3)).double().eval()
+    _first_token_only(bert.bert.encoder.layer[-1])
+    ids, y = torch.randint(1, 30, (5, 6)), torch.randint(0, 3, (5,))
+
+    class Ids(torch.nn.Module):  # the brute force feeds tensors
+        def forward(self, x):
+            return bert(input_ids=x).logits
+    wrapped = Ids()
+    wrapped.bert = bert
+    groups = node_groups(bert)
+    assert [g.name for g in groups][-2:] == ["bert.encoder.layer.1.heads", "bert.encoder.layer.1.neurons"]
+    f, n = node_fishers(bert, [({"input_ids": ids[:3]}, y[:3]), ({"input_ids": ids[3:]}, y[3:])])
+    assert n == 5
+    for g in groups:
+        want = brute_force(wrapped, ids, y, replace(g, masked=f"bert.{g.masked}"), y)
+        assert torch.allclose(f[g.name].double(), want, rtol=1e-4, atol=1e-12), g.name
+        assert (f[g.name] > 0).all()

@@ -133,3 +133,29 @@ def test_studies_over_seeds(cache_env):
     sc = R.over_seeds(R.scope_study, (0,), "tiny")
     assert set(sc["fine-tuning"]) == {"without", "with WSA"} and set(sc["method"]) == set(R.SCOPE_METHODS)
     assert (sc["seed"] == 0).all() and (sc["mismatch_alpha1"] > 0).all()
+
+
+def test_text_leaderboard_has_every_method_and_wemoe_with_knobs_on_validation(cache_env, monkeypatch):
+    """Chapter 6's text-add benchmark: a row per registered method plus WEMoE, only the
+    validation-chosen point of each static method evaluated on test, a mismatch for each."""
+    from toolkit.experiments import text_add as TA
+    s = TA.setup("tiny")
+    calls = []
+    real = R.Scorer.__call__
+    monkeypatch.setattr(R.Scorer, "__call__", lambda self, sd, split: calls.append(split) or real(self, sd, split))
+    raw = R._text_leaderboard(s, 2, False)
+    plain = (int, float, str, bool, dict, list, type(None))  # the cache loads weights only: no numpy
+    assert all(isinstance(v, plain) for r in raw for v in r.values())
+    rows = pd.DataFrame(raw).set_index("method")
+    assert set(rows.index) == set(METHODS) | {"wemoe"}
+    static = rows.drop(index="wemoe")
+    assert calls.count("test") == len(static) and calls.count("val") > len(static)
+    assert (static["mismatch"].astype(float) > 0).all() and pd.isna(rows.loc["wemoe", "mismatch"])
+    assert rows.loc["wemoe", "dynamic"] and rows.loc["wemoe", "extra_params"] > 0
+    assert set(rows.loc["wemoe", "val_by_steps"]) == {0, 1, 2}
+    for m in ("regmean", "masknode_average", "fisher_average", "gradient_matching"):
+        assert rows.loc[m, "stat_steps"] > 0
+    assert rows.loc["gradient_matching", "knobs"]["delta"] in s.deltas  # relative to mean(N_t F_t)
+    assert set(s.tasks) <= set(rows.columns)
+    lb = R.text_leaderboard(s, wemoe_steps=2)  # the cached table: indexed by method, a seed column
+    assert set(lb.index) == set(rows.index) and (lb["seed"] == s.seed).all()

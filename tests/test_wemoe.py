@@ -91,3 +91,45 @@ def test_bad_input():
         build(model, model.state_dict(), [])
     with pytest.raises(MergeError, match="no `mlp`"):
         build(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).state_dict(), [torch.nn.Linear(2, 2).state_dict()])
+
+
+def tiny_bert(seed=0, first_token=True):
+    from transformers import BertConfig, BertModel
+    from toolkit.experiments.encoder import _first_token_only
+    torch.manual_seed(seed)
+    bert = BertModel(BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=16), add_pooling_layer=True).eval()
+    if first_token:
+        _first_token_only(bert.encoder.layer[-1])  # as chapter 6's top model: [CLS] only
+    return bert
+
+
+def test_bert_one_hot_router_reproduces_each_fine_tuned_ffn():
+    """BERT's FFN is intermediate.dense -> activation -> output.dense (+ residual LayerNorm), the
+    router on the attention block's output; with r = e_t it is task t's FFN."""
+    model = tiny_bert()
+    base = model.state_dict()
+    fts = [perturbed(base, s) for s in (1, 2, 3)]
+    moe = build(model, base, fts, lam=0.3)
+    ref = tiny_bert()
+    a = torch.randn(4, 5, 8)
+    for t in range(3):
+        ref.load_state_dict(fts[t])
+        for layer, want in zip(moe.encoder.layer, ref.encoder.layer):
+            assert isinstance(layer.intermediate, WEMoEMLP)
+            layer.intermediate.fixed = torch.eye(3)[t]
+            got = layer.output.dense(layer.intermediate(a))  # the FFN (the LayerNorm: task arithmetic)
+            assert torch.allclose(got, want.output.dense(want.intermediate(a)), atol=1e-5)
+    only_ffn = [perturbed(base, s, only=k) for s, k in ((4, "intermediate"), (5, "1.output.dense"))]
+    moe = build(model, base, only_ffn)
+    ids, mask = torch.randint(1, 30, (3, 6)), torch.ones(3, 6, dtype=torch.long)
+    for t in range(2):
+        for layer in moe.encoder.layer:
+            layer.intermediate.fixed = torch.eye(2)[t]
+        ref.load_state_dict(only_ffn[t])
+        assert torch.allclose(moe(input_ids=ids, attention_mask=mask).pooler_output,
+                              ref(input_ids=ids, attention_mask=mask).pooler_output, atol=1e-5)
+    heads = [torch.nn.Linear(8, 3), torch.nn.Linear(8, 2)]
+    x = {"input_ids": ids, "attention_mask": mask}
+    losses = adapt(moe, [lambda o, h=h: h(o.pooler_output) for h in heads], [[x], [x]], steps=5, lr=1e-2)
+    assert len(losses) == 5 and extra_parameters(moe)["task_vectors"] == 2 * 2 * (2 * 8 * 16 + 16 + 8)

@@ -87,10 +87,18 @@ def classifier(name: str, n_classes: int, seed: int, top: int):
 
 
 @torch.no_grad()
-def features(name: str, top: int, max_len: int, data: T.TextSet, batch_size: int = 64) -> list[Tensor]:
+def features(name: str, top: int, max_len: int, data: T.TextSet, batch_size: int = 64,
+             disk: bool = False) -> list[Tensor]:
     """Per text, the hidden states [tokens, width] that enter the top `top` layers (texts cut to
-    `max_len` tokens); each text computed once per process, in batches of similar length."""
+    `max_len` tokens); each text computed once per process, in batches of similar length.
+    disk=True: a data set's states also go to the on-disk cache (`toolkit.cache`, keyed by the
+    model and the texts), so other processes (chapter 7's seeds) read instead of recomputing."""
     memo = _FEATURES.setdefault((name, top, max_len), {})
+    if disk and any(t not in memo for t in data.texts):
+        from .. import cache
+        cfg = {"model": name, "top": top, "len": max_len, "data": data.fingerprint()}
+        got = cache.cached("language-features", cfg, lambda: features(name, top, max_len, data, batch_size))
+        memo.update(zip(data.texts, got))
     todo = list(dict.fromkeys(t for t in data.texts if t not in memo))
     if todo:
         full, tok = hub.pretrained("classifier", tiny.model_name(name), 2, 0)

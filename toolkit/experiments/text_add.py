@@ -81,7 +81,7 @@ def _split(s: TextAddSetup, name: str, split: str) -> T.TextSet:
 
 
 def _feats(s: TextAddSetup, data: T.TextSet) -> list[Tensor]:
-    return E.features(s.model, s.top_layers, s.max_len, data)
+    return E.features(s.model, s.top_layers, s.max_len, data, disk=True)
 
 
 def _batches(s: TextAddSetup, data: T.TextSet, order=None, batch_size: int | None = None) -> list:
