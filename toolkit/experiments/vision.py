@@ -77,7 +77,7 @@ def setup(scale: str | None = None, seed: int = 0, **overrides: Any) -> VisionSe
         n_train=p(192, 1200, None), n_test=p(96, None, None), val_fraction=p(0.2, 0.2, 0.05),
         batch_size=p(64, 64, 128), pretrain_steps=p(60, 3000, 0), pretrain_lr=2e-3,
         pretrain_augment=0.3, pretrain_weight_decay=0.05,
-        finetune_epochs=p(3, 5, 2), finetune_lr=p(2e-3, 1e-3, 1e-5), head_lr=p(3e-3, 3e-3, 1e-3),
+        finetune_epochs=p(3, 6, 2), finetune_lr=p(2e-3, 1e-3, 1e-5), head_lr=p(3e-3, 3e-3, 1e-3),
         delta=p(1.0, 1.0, 1.0), fisher_kind="mc",
         fisher_kinds=("mc", "exact", "empirical", "batch_squared"),
         fisher_examples=p(64, 512, 2048), fisher_example_grid=p((16,), (32, 128), (64, 256, 1024)),
