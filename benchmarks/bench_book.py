@@ -8,7 +8,7 @@ chapters read what earlier ones cached, as in `make book`), and prints per chapt
 CPU time (user + sys, kernel included; steadier than wall time on a loaded machine), the kernel's
 peak RSS and
 its budget, and the total against the whole book's (20 min for a cold `make book` on 2 cores,
-the notebooks plus about 1.5 min of Sphinx). The load average is printed: timings taken beside
+the notebooks plus Sphinx's own time, about 10 s). The load average is printed: timings taken beside
 other work are inflated.
 """
 from __future__ import annotations
@@ -26,9 +26,9 @@ from toolkit.measure import measure
 ROOT = Path(__file__).resolve().parent.parent
 # seconds of wall time on 2 quiet cores, per chapter of a cold `small` build; the rest of 20 min is Sphinx
 BUDGET = {"01_averaging": 30, "02_mismatch": 35, "03_gradient_matching": 30, "04_fisher": 25,
-          "05_vision": 390, "06_language": 360, "07_related": 130, "scaling_up": 50}
+          "05_vision": 440, "06_language": 370, "07_related": 180, "scaling_up": 40}
 BOOK_BUDGET = 20 * 60
-SPHINX = 90  # seconds Jupyter Book spends besides executing the notebooks (measured: about 1-1.5 min)
+SPHINX = 30  # seconds Jupyter Book spends besides executing the notebooks (measured: about 10 s)
 
 RUN = """
 import resource, sys, nbformat
