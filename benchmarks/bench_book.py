@@ -19,8 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
 
+from toolkit import toc
 from toolkit.measure import measure
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,16 +42,7 @@ print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)  # the kernel's pe
 
 def chapters() -> list[str]:
     """The notebooks of _toc.yml in reading order (their stems)."""
-    def walk(node):
-        if isinstance(node, dict):
-            if str(node.get("file", "")).startswith("notebooks/"):
-                yield Path(node["file"]).name
-            for v in node.values():
-                yield from walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                yield from walk(v)
-    return list(walk(yaml.safe_load((ROOT / "_toc.yml").read_text())))
+    return toc.notebooks(ROOT / "_toc.yml")
 
 
 def main() -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
-import yaml
+
+from toolkit import toc
 
 ROOT = Path(__file__).resolve().parent.parent
 NB_DIR = ROOT / "notebooks"
@@ -51,18 +52,7 @@ def executed(path: Path) -> Path:
 
 
 def _toc_files() -> list[str]:
-    def walk(node):
-        if isinstance(node, dict):
-            if "file" in node:
-                yield node["file"]
-            if "root" in node:
-                yield node["root"]
-            for v in node.values():
-                yield from walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                yield from walk(v)
-    return list(walk(yaml.safe_load((ROOT / "_toc.yml").read_text())))
+    return toc.pages(ROOT / "_toc.yml")
 
 
 def test_every_notebook_is_in_the_toc():

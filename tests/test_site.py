@@ -26,6 +26,8 @@ import yaml
 from bs4 import BeautifulSoup
 from test_notebooks import executed
 
+from toolkit import toc
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -37,17 +39,7 @@ BAD_CONSOLE = re.compile(r"uncaught|error|failed|refused|exception|not found|und
 
 
 def _toc_pages() -> list[str]:
-    def walk(node):
-        if isinstance(node, dict):
-            for key in ("root", "file"):
-                if key in node:
-                    yield re.sub(r"\.(md|ipynb)$", "", node[key])
-            for v in node.values():
-                yield from walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                yield from walk(v)
-    return list(dict.fromkeys(walk(yaml.safe_load((ROOT / "_toc.yml").read_text()))))
+    return toc.pages(ROOT / "_toc.yml")
 
 
 PAGES = _toc_pages()
