@@ -125,6 +125,8 @@ def _vision_statistic(s: E.VisionSetup, name: str, model, train) -> dict[str, Te
     """STATISTICS[name] of a vision task model, keyed by backbone names."""
     keep = lambda n: n.startswith("backbone.")  # noqa: E731
     return V.backbone_keys(STATISTICS[name](s, model, _batches(s, train), keep))
+
+
 # statistics chapter 5 already made (a key of `E.artifacts`): reused, their pass only timed
 FROM_ARTIFACTS: dict[str, str] = {"fishers": "fishers"}
 
@@ -245,15 +247,15 @@ def sweep(s: P.Setup, method: str, base: StateDict, bbs: Sequence[StateDict], sc
     scored on validation; the best one on test: alpha, knobs, val, test (mean normalised), test
     per task, raw test accuracy, the spread of the validation score over alpha at the chosen
     knobs, the median merge seconds, and the chosen merged backbone ("merged")."""
-    m, rows, merged = get_method(method), [], {}
+    m, rows, merged, top = get_method(method), [], {}, None
     for knobs in _grid(method, search):
         for a in m.grid(s.alphas):
             t = clock(s)
             sd = P.merge(s, method, base, bbs, a, fishers=fishers, sizes=sizes, stats=stats, **knobs)
-            rows.append({"alpha": a, "knobs": knobs, "val": _mean(score(sd, "val")),
-                         "merge_seconds": clock(s) - t})
-            if pick(pd.DataFrame(rows)).name == len(rows) - 1:
-                merged = sd  # the best so far: only the best is evaluated on test
+            val = _mean(score(sd, "val"))
+            rows.append({"alpha": a, "knobs": knobs, "val": val, "merge_seconds": clock(s) - t})
+            if top is None or (val if val == val else -1.0) > top:  # as `pick`: the first best
+                top, merged = (val if val == val else -1.0), sd  # only the best is evaluated on test
     df = pd.DataFrame(rows)
     best = pick(df)
     test = score(merged, "test")
@@ -272,6 +274,12 @@ def _table(s: E.VisionSetup, A: dict, what: str, compute: Callable[[], list[dict
            "fisher": [s.fisher_kind, s.fisher_examples], "n_test": s.n_test,
            "val": [s.val_fraction, val_cap(s.scale)], **extra}
     return _rows(what, s.seed, cfg, compute)
+
+
+def _methods_key() -> dict[str, list]:
+    """What a leaderboard's rows depend on in the registry (part of its cache key)."""
+    return {n: [list(m.stats), dict(m.defaults), m.alpha_cancels, m.scale_knob, m.label]
+            for n, m in METHODS.items()}
 
 
 def _rows(what: str, seed: int, cfg: dict, compute: Callable[[], list[dict]]) -> pd.DataFrame:
@@ -314,9 +322,7 @@ def leaderboard(s: E.VisionSetup | None = None, progress: bool = False,
     steps = wemoe_steps if wemoe_steps is not None else wemoe_settings(s.scale)[0]
     with V.fast_cpu():
         A = E.artifacts(s, progress)
-        methods = {n: [list(m.stats), dict(m.defaults), m.alpha_cancels, m.scale_knob, m.label]
-                   for n, m in METHODS.items()}
-        df = _table(s, A, "leaderboard", lambda: _leaderboard(s, A, steps), methods=methods,
+        df = _table(s, A, "leaderboard", lambda: _leaderboard(s, A, steps), methods=_methods_key(),
                     search=KNOBS, wemoe=[steps, *wemoe_settings(s.scale)[1:]])
     return df.set_index("method")
 
@@ -779,9 +785,7 @@ def text_leaderboard(s: TextAddSetup | None = None, progress: bool = False,
     from .experiments import text_add as TA
     s = s or TA.setup()
     steps = wemoe_steps if wemoe_steps is not None else wemoe_settings(s.scale)[0]
-    methods = {n: [list(m.stats), dict(m.defaults), m.alpha_cancels, m.scale_knob, m.label]
-               for n, m in METHODS.items()}
-    cfg = {**TA._table_cfg(s), "methods": methods, "search": text_search(s, 1.0),
+    cfg = {**TA._table_cfg(s), "methods": _methods_key(), "search": text_search(s, 1.0),
            "mismatch": text_mismatch_examples(s.scale),
            "wemoe": [steps, *wemoe_settings(s.scale)[1:]]}
     with hub.quiet(TA._threads(s)):
