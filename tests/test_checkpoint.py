@@ -45,6 +45,49 @@ def test_save_and_read_back_sharded(tmp_path):
         assert torch.equal(ck.read("a.bias", buf, 2, 3), sd["a.bias"][2:5])
 
 
+def test_view_maps_chunks_that_equal_read_and_never_write_the_file(tmp_path):
+    """Zero-copy chunks: equal to pread's, across dtypes and misaligned offsets (a bf16 tensor of odd
+    length before a float32 one: copied, not mapped); a write lands in private memory; a file cut
+    short after opening and a closed checkpoint are clear errors, not a crash."""
+    sd = mixed_state_dict()
+    save_file(sd, tmp_path / "m.safetensors")
+    before = (tmp_path / "m.safetensors").read_bytes()
+    ck = Checkpoint(tmp_path / "m.safetensors")
+    for k, v in sd.items():
+        flat = v.flatten()
+        for start, count in [(0, v.numel()), (1, v.numel() - 2), (v.numel() // 2, min(1, v.numel()))]:
+            if count < 0:
+                continue
+            got = ck.view(k, start, count)
+            assert got.dtype == v.dtype and torch.equal(got, flat[start:start + count]), (k, start)
+    with pytest.raises(ValueError, match="outside"):
+        ck.view("a.bias", 5, 3)
+    w = ck.view("a.weight", 3, 40)
+    w += 1.0  # copy-on-write: the tensor changes, the file does not
+    assert torch.equal(w, sd["a.weight"].flatten()[3:43] + 1.0)
+    del w
+    assert (tmp_path / "m.safetensors").read_bytes() == before
+    assert torch.equal(ck.view("a.weight", 3, 40), sd["a.weight"].flatten()[3:43])
+    last = max(ck.infos.values(), key=lambda i: i.offset + i.nbytes)
+    with open(tmp_path / "m.safetensors", "r+b") as f:  # cut short while open
+        f.truncate(len(before) - 2)
+    with pytest.raises(MergeError, match="ended early"):
+        ck.view(last.name)
+    ck.close()
+    with pytest.raises(MergeError, match="closed"):
+        ck.view("a.weight", 0, 4)
+    # a float32 tensor at an odd byte offset (after 3 bf16 values), written by hand
+    h, x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16), torch.arange(5.0)
+    header = json.dumps({"h": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]},
+                         "x": {"dtype": "F32", "shape": [5], "data_offsets": [6, 26]}}).encode()
+    header += b" " * (-len(header) % 8)
+    (tmp_path / "odd.safetensors").write_bytes(struct.pack("<Q", len(header)) + header
+                                               + h.view(torch.uint8).numpy().tobytes()
+                                               + x.view(torch.uint8).numpy().tobytes())
+    with Checkpoint(tmp_path / "odd.safetensors") as odd:
+        assert odd.infos["x"].offset % 4 and torch.equal(odd.view("x", 1, 3), x[1:4])
+
+
 def test_open_single_file_index_and_dir(tmp_path):
     sd = {"x": torch.randn(4, 4), "y": torch.randn(2)}
     save_file(sd, tmp_path / "m.safetensors")

@@ -138,13 +138,14 @@ def test_common_alpha_cancels_without_prior():
 
 
 def gm_reference(base, thetas, alphas, fishers, sizes, delta, fisher_floor=0.0):
-    """Gradient matching as written before the removal guard changed, op for op (no guard)."""
+    """Gradient matching without the removal guard, op for op: Hbar = delta + sum_t alpha_t N_t F_t,
+    theta_0 + sum_t alpha_t N_t (F_t + delta / N_t) tau_t / Hbar."""
     hbar, num = torch.full_like(base, delta), torch.zeros_like(base)
     for a, n, f, th in zip(alphas, sizes, fishers, thetas):
-        h = f.clamp_min(fisher_floor) * n
-        hbar.add_(h, alpha=a)
-        num.addcmul_(h + delta, th - base, value=a)
-    return base + num / hbar
+        f = f.clamp_min(fisher_floor)
+        hbar.add_(f, alpha=a * n)
+        num.addcmul_(f + delta / n, th - base, value=a * n)
+    return torch.addcdiv(base, num, hbar)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

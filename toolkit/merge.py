@@ -229,24 +229,28 @@ def gradient_matching(base: Tensor, thetas: list[Tensor], alphas: list[float], f
     """
     if not 0 < guard <= 1:
         raise MergeError(f"gradient_matching: guard must be in (0, 1], got {guard}")
-    h, tau = scratch(base, 0), scratch(base, 1)  # H_t and tau_t, one model at a time
+    h, tau = scratch(base, 0), scratch(base, 1)  # H_0 + H_t (up to a scale) and tau_t, one model at a time
     hbar = scratch(base, 2).fill_(float(delta))  # H_0, then Hbar
-    h0: Tensor | float = float(delta)
+    h0 = None  # H_0 as a tensor, when there is a base Fisher
     if base_fisher is not None and base_size:  # H_0 = delta + N_0 max(F_0, fisher_floor)
         hbar.add_(torch.clamp_min(base_fisher, fisher_floor, out=h), alpha=base_size)
         h0 = scratch(base, 3).copy_(hbar)
     neg = any(a < 0 for a in alphas)
     s = scratch(base, 4).copy_(hbar) if neg else hbar  # S; equal to Hbar when no alpha is negative
-    num = torch.zeros_like(base)  # becomes the output
-    for a, n, f, th in zip(alphas, sizes, fishers, thetas):  # in place on the scratch buffers
-        if fisher_floor > 0:
-            torch.clamp_min(f, fisher_floor, out=h).mul_(n)
-        else:  # F_t >= 0 is checked, so no floor to apply
-            torch.mul(f, n, out=h)
-        hbar.add_(h, alpha=a)
+    num = torch.zeros_like(base)  # sum_t alpha_t (H_0 + H_t) tau_t, then the output
+    big = torch.finfo(base.dtype).max
+    for a, n, f, th in zip(alphas, sizes, fishers, thetas):  # 4 passes a model, in place on scratch buffers
+        if fisher_floor > 0:  # else F_t >= 0 is checked, so no floor to apply
+            f = torch.clamp_min(f, fisher_floor, out=h)
+        hbar.add_(f, alpha=a * n)
         if neg:
-            s.add_(h, alpha=abs(a))
-        num.addcmul_(h.add_(h0), torch.sub(th, base, out=tau), value=a)
+            s.add_(f, alpha=abs(a) * n)
+        torch.sub(th, base, out=tau)
+        if h0 is None and delta / n <= big:  # (H_0 + H_t) = N_t (F_t + delta / N_t)
+            num.addcmul_(torch.add(f, delta / n, out=h), tau, value=a * n)
+        else:
+            num.addcmul_(torch.add(h0 if h0 is not None else torch.full_like(h, delta), f, alpha=n, out=h),
+                         tau, value=a)
     if delta <= 0 and (s == 0).any():  # S >= delta, so only a zero prior can leave S = 0
         raise MergeError(f"gradient_matching: {int((s == 0).sum())} elements have zero precision "
                          "(delta = 0 and every Fisher is zero there): the merge is 0/0; "
@@ -260,7 +264,7 @@ def gradient_matching(base: Tensor, thetas: list[Tensor], alphas: list[float], f
                           f"sum_t |alpha_t| H_t) with guard = {guard}, so each task vector's gain stays "
                           f"<= {max(1.0, max(abs(a) for a in alphas)) / guard:g}", stacklevel=2)
             torch.maximum(hbar, floor, out=hbar)
-    return num.div_(hbar).add_(base)
+    return torch.addcdiv(base, num, hbar, out=num)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,41 +316,60 @@ def merge_tensor(method: str | Method, name: str, base: Tensor, thetas: Sequence
     fp32 (fp64 for fp64 inputs) and returns a new tensor in the input dtype. Non-float tensors
     (integer ids, masks) are copied from the base. `stats`: the method's other per-model
     statistics for this tensor (name -> one entry per model, None where a model has none)."""
+    return prepare(method, len(thetas), alphas, sizes, **options)(name, base, thetas, fishers, base_fisher, stats)
+
+
+def prepare(method: str | Method, n_models: int, alphas: Sequence[float] | None = None,
+            sizes: Sequence[float] | None = None, **options) -> Callable[..., Tensor]:
+    """merge_tensor with the checks that hold for a whole merge (method, knobs, alphas, sizes) done
+    once: returns f(name, base, thetas, fishers=None, base_fisher=None, stats=None) that checks only
+    the tensors it is given. The streaming merge calls it for every chunk."""
     m = method if isinstance(method, Method) else get_method(method)
     kw = check_options(m, options)
-    alphas = check_alphas(alphas, len(thetas))
-    for i, th in enumerate(thetas):
-        validate.check_like(name, base, th, f"model {i}")
-    if not base.is_floating_point():
-        return base.clone()
-    cd = compute_dtype(base.dtype)
-    _check_fits(name, cd, alphas, kw)
-    if "name" in m.options:
-        kw.setdefault("name", name)
-    if m.uses_fisher:
-        if fishers is None:
-            raise MergeError(f"method {m.name!r} needs Fishers (one per model); none were given")
-        if len(fishers) != len(thetas):
-            raise MergeError(f"got {len(fishers)} Fishers for {len(thetas)} models")
-        for i, f in enumerate(fishers):
-            check_fisher(f, base, f"Fisher {i} for {name!r}")
-        if base_fisher is not None:
-            check_fisher(base_fisher, base, f"base Fisher for {name!r}")
-        kw["fishers"] = [f.to(cd) for f in fishers]
-        kw["sizes"] = _check_sizes(m, sizes, len(thetas))
-        if _takes(m.fn, "base_fisher"):
-            kw["base_fisher"] = None if base_fisher is None else base_fisher.to(cd)
-    for stat in m.stats:
-        if stat == "fishers":
-            continue
-        vals = (stats or {}).get(stat)
-        if vals is None or len(vals) != len(thetas):
-            raise MergeError(f"method {m.name!r} needs {stat!r} (one per model) for {name!r}; "
-                             f"got {'none' if vals is None else len(vals)}")
-        kw[stat] = [None if v is None else v.to(cd) for v in vals]
-    out = m.fn(base.to(cd), [th.to(cd) for th in thetas], alphas, **kw).to(base.dtype)
-    check_finite(name, out)
-    return out
+    alphas = check_alphas(alphas, n_models)
+    fits: set[torch.dtype] = set()  # compute dtypes the alphas and knobs are known to fit
+    checked_sizes: list[list[float]] = []  # filled on first use: the error order stays merge_tensor's
+
+    def merge(name: str, base: Tensor, thetas: Sequence[Tensor], fishers: Sequence[Tensor] | None = None,
+              base_fisher: Tensor | None = None, stats: Mapping[str, Sequence[Tensor | None]] | None = None) -> Tensor:
+        if len(thetas) != n_models:
+            raise MergeError(f"got {len(thetas)} models for a merge prepared for {n_models}")
+        for i, th in enumerate(thetas):
+            validate.check_like(name, base, th, f"model {i}")
+        if not base.is_floating_point():
+            return base.clone()
+        cd = compute_dtype(base.dtype)
+        if cd not in fits:
+            _check_fits(name, cd, alphas, kw)
+            fits.add(cd)
+        call = dict(kw, name=name) if "name" in m.options and "name" not in kw else dict(kw)
+        if m.uses_fisher:
+            if fishers is None:
+                raise MergeError(f"method {m.name!r} needs Fishers (one per model); none were given")
+            if len(fishers) != len(thetas):
+                raise MergeError(f"got {len(fishers)} Fishers for {len(thetas)} models")
+            for i, f in enumerate(fishers):
+                check_fisher(f, base, f"Fisher {i} for {name!r}")
+            if base_fisher is not None:
+                check_fisher(base_fisher, base, f"base Fisher for {name!r}")
+            if not checked_sizes:
+                checked_sizes.append(_check_sizes(m, sizes, len(thetas)))
+            call["fishers"], call["sizes"] = [f.to(cd) for f in fishers], checked_sizes[0]
+            if _takes(m.fn, "base_fisher"):
+                call["base_fisher"] = None if base_fisher is None else base_fisher.to(cd)
+        for stat in m.stats:
+            if stat == "fishers":
+                continue
+            vals = (stats or {}).get(stat)
+            if vals is None or len(vals) != len(thetas):
+                raise MergeError(f"method {m.name!r} needs {stat!r} (one per model) for {name!r}; "
+                                 f"got {'none' if vals is None else len(vals)}")
+            call[stat] = [None if v is None else v.to(cd) for v in vals]
+        out = m.fn(base.to(cd), [th.to(cd) for th in thetas], alphas, **call).to(base.dtype)
+        check_finite(name, out)
+        return out
+
+    return merge
 
 
 @functools.lru_cache(maxsize=None)

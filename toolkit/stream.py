@@ -3,10 +3,11 @@
 Every output tensor is `toolkit.merge.merge_tensor(method, name, base, thetas, alphas, fishers,
 sizes, base_fisher, **options)`, the same code path as in-memory merges. Element-wise methods
 (the registry's `elementwise` flag: averaging, task arithmetic, Fisher averaging, gradient
-matching) are applied to chunks of `chunk` elements that worker threads read into
-preallocated buffers and merge in parallel (reusing their scratch buffers, `merge.reuse_scratch`)
-while the main thread appends the results to the output, so memory stays bounded whatever the model
-size; methods that need a whole tensor (TIES, DARE, new ones) get one tensor at a time.
+matching) are applied to chunks of `chunk` elements that worker threads map from the files
+without copying them (`Checkpoint.view`) and merge in parallel (reusing their scratch buffers,
+`merge.reuse_scratch`) while the main thread appends the results to the output, so memory stays
+bounded whatever the model size; methods that need a whole tensor (TIES, DARE, new ones) get one
+tensor at a time.
 
 Config (YAML; relative paths are relative to the config file):
 
@@ -48,7 +49,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import yaml
@@ -59,7 +60,7 @@ from . import validate
 from .atomic import atomic_dir
 from .checkpoint import Checkpoint, ShardWriter, Spec, copy_side_files, fingerprint, parse_size
 from .errors import MergeError
-from .merge import check_alphas, check_options, compute_dtype, get_method, merge_tensor, reuse_scratch
+from .merge import check_alphas, check_options, compute_dtype, get_method, prepare, reuse_scratch
 
 CONFIG_KEYS = {"base", "models", "method", "options", "delta", "base_fisher", "base_size", "dtype",
                "shard_size", "output", "overwrite"}
@@ -126,19 +127,6 @@ def check_fisher_file(fisher: Checkpoint, model: Checkpoint, what: str, check_ha
     if check_hash and want and want != fingerprint(model):
         raise MergeError(f"{what} ({fisher.path}) was estimated for another model: its model_hash {want} "
                          f"differs from {model.path}'s {fingerprint(model)}")
-
-
-class _Buffers:
-    """Preallocated 1-D read buffers of `chunk` elements, one per (role, dtype)."""
-
-    def __init__(self, chunk: int):
-        self.chunk, self.bufs = chunk, {}
-
-    def __call__(self, role: Any, dtype: torch.dtype) -> Tensor:
-        key = (role, dtype)
-        if key not in self.bufs:
-            self.bufs[key] = torch.empty(self.chunk, dtype=dtype)
-        return self.bufs[key]
 
 
 def _open_fishers(m, open_, base_ck: Checkpoint, cks: list[Checkpoint], fishers, sizes, base_fisher,
@@ -219,16 +207,15 @@ def merge_checkpoints(base: PathLike, models: Sequence[PathLike], output: PathLi
         validate.check_output(output, [p for ck in ins for p in (ck.path, *{i.file for i in ck.infos.values()})])
         specs = [Spec(k, out_dtype if out_dtype and i.dtype.is_floating_point else i.dtype, i.shape)
                  for k, i in base_ck.infos.items()]
-        ctx = _Ctx(m, base_ck, cks, fks, bfk, alphas, sizes, options, out_dtype, _Buffers(chunk), sks)
+        ctx = _Ctx(prepare(m, len(cks), alphas, sizes, **options), base_ck, cks, fks, bfk, out_dtype, chunk, sks)
         with warnings.catch_warnings():  # the probe's warnings would repeat the merge's
             warnings.simplefilter("ignore")
             ctx.task(next((k for k, i in base_ck.infos.items() if i.dtype.is_floating_point and i.numel),
-                          next(iter(base_ck.infos), None)), 0, 1, "probe")
+                          next(iter(base_ck.infos), None)), 0, 1)
         pool = stack.enter_context(ThreadPoolExecutor(workers, initializer=reuse_scratch))
-        # Chunks are read and merged by `workers` threads (each chunk in its own buffer slot) while
-        # this thread writes the results in order; element-wise methods keep workers + 2 chunks
-        # in flight, whole-tensor methods one tensor.
-        slots = workers + 2 if m.elementwise else 1
+        # Chunks are read and merged by `workers` threads while this thread writes the results in
+        # order; element-wise methods keep workers + 2 chunks in flight, whole-tensor methods one tensor.
+        in_flight = workers + 2 if m.elementwise else 1
         bytes_read = 0
         with atomic_dir(output, overwrite) as tmp:
             meta = {"merge_method": m.name, "merge_alphas": ",".join(map(str, alphas))}
@@ -250,10 +237,10 @@ def merge_checkpoints(base: PathLike, models: Sequence[PathLike], output: PathLi
                         bytes_read += nread
                         bar.update(out.numel() * spec.dtype.itemsize)
 
-                    for i, (spec, s, n) in enumerate(jobs):
-                        while len(pending) >= slots:  # the slot this job reuses must be written first
+                    for spec, s, n in jobs:
+                        while len(pending) >= in_flight:  # bounded memory: write before reading more
                             drain()
-                        pending.append((spec, pool.submit(ctx.task, spec.name, s, n, i % slots)))
+                        pending.append((spec, pool.submit(ctx.task, spec.name, s, n)))
                     while pending:
                         drain()
                 writer.close()
@@ -271,18 +258,14 @@ def merge_checkpoints(base: PathLike, models: Sequence[PathLike], output: PathLi
 
 @dataclass
 class _Ctx:
-    """The opened inputs of one merge, and how to merge one chunk (thread-safe: each call uses
-    the buffers of its own slot)."""
-    m: Any
+    """The opened inputs of one merge, and how to merge one chunk (thread-safe)."""
+    merge: Callable[..., Tensor]  # merge.prepare(method, ...): merge_tensor with the whole-merge checks done
     base: Checkpoint
     models: list[Checkpoint]
     fishers: list[Checkpoint]
     base_fisher: Checkpoint | None
-    alphas: list[float]
-    sizes: list[float] | None
-    options: dict
     out_dtype: torch.dtype | None
-    bufs: _Buffers
+    chunk: int
     stats: dict[str, list[Checkpoint]]
 
     def spans(self, name: str, whole: bool) -> list[tuple[int, int | None]]:
@@ -290,23 +273,23 @@ class _Ctx:
         info = self.base.infos[name]
         if info.numel == 0 or (whole and info.dtype.is_floating_point):
             return [(0, None)]
-        return [(s, min(self.bufs.chunk, info.numel - s)) for s in range(0, info.numel, self.bufs.chunk)]
+        return [(s, min(self.chunk, info.numel - s)) for s in range(0, info.numel, self.chunk)]
 
-    def _read(self, ck: Checkpoint, role: Any, name: str, start: int, n: int | None) -> Tensor:
-        if n is None:  # whole tensor, fresh memory
-            return ck.tensor(name)
-        return ck.read(name, self.bufs(role, ck.infos[name].dtype), start, n)
+    @staticmethod
+    def _read(ck: Checkpoint, name: str, start: int, n: int | None) -> Tensor:
+        """A chunk mapped from the file (zero-copy), or the whole tensor in fresh memory (n None)."""
+        return ck.tensor(name) if n is None else ck.view(name, start, n)
 
-    def _stat(self, ck: Checkpoint, role: Any, name: str, start: int, n: int | None) -> Tensor | None:
+    def _stat(self, ck: Checkpoint, name: str, start: int, n: int | None) -> Tensor | None:
         """A statistic for tensor `name`: None if the file has none; chunks only of statistics shaped
         like the tensor (element-wise methods); others whole (the probe's one-element chunk: None)."""
         if name not in ck:
             return None
         if n is None:
             return ck.tensor(name)
-        return self._read(ck, ("stat", role), name, start, n) if ck.infos[name].shape == self.base.infos[name].shape else None
+        return self._read(ck, name, start, n) if ck.infos[name].shape == self.base.infos[name].shape else None
 
-    def task(self, name: str | None, start: int, n: int | None, slot: Any) -> tuple[Tensor, int]:
+    def task(self, name: str | None, start: int, n: int | None) -> tuple[Tensor, int]:
         """Merged values of elements [start, start + n) of tensor `name` (all of it if n is None),
         and the number of bytes read. Integer tensors are copied from the base."""
         if name is None:
@@ -315,19 +298,19 @@ class _Ctx:
         if info.numel == 0:
             return torch.empty(info.shape, dtype=info.dtype), 0
         if not info.dtype.is_floating_point:
-            out = self._read(self.base, ("base", slot), name, start, n)
+            out = self._read(self.base, name, start, n)
             return out, out.numel() * info.dtype.itemsize
-        base = self._read(self.base, ("base", slot), name, start, n)
-        thetas = [self._read(ck, ("model", i, slot), name, start, n) for i, ck in enumerate(self.models)]
-        fishers = [self._read(ck, ("fisher", i, slot), name, start, n) for i, ck in enumerate(self.fishers)] or None
-        bf = self._read(self.base_fisher, ("base_fisher", slot), name, start, n) if self.base_fisher else None
+        base = self._read(self.base, name, start, n)
+        thetas = [self._read(ck, name, start, n) for ck in self.models]
+        fishers = [self._read(ck, name, start, n) for ck in self.fishers] or None
+        bf = self._read(self.base_fisher, name, start, n) if self.base_fisher else None
         nread = sum(t.numel() * t.element_size() for t in [base, *thetas, *(fishers or []), *([bf] if bf is not None else [])])
         if self.out_dtype is not None and self.out_dtype != info.dtype:  # no double rounding
             cd = compute_dtype(info.dtype)
             base, thetas = base.to(cd), [t.to(cd) for t in thetas]
-        st = {k: [self._stat(ck, (k, i, slot), name, start, n) for i, ck in enumerate(cks)]
+        st = {k: [self._stat(ck, name, start, n) for ck in cks]
               for k, cks in self.stats.items()}
-        return merge_tensor(self.m, name, base, thetas, self.alphas, fishers, self.sizes, bf, st, **self.options), nread
+        return self.merge(name, base, thetas, fishers, bf, st), nread
 
 
 def _open_stats(m, open_, stats: Mapping[str, Sequence[PathLike]] | None, n: int) -> dict[str, list[Checkpoint]]:

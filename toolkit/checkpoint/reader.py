@@ -5,15 +5,17 @@ model-0000k-of-0000N.safetensors + model.safetensors.index.json), an index file,
 .safetensors file. A safetensors file is: 8 bytes (little-endian u64) header length n, n bytes
 of JSON {name: {dtype, shape, data_offsets: [start, end]}, "__metadata__": {...}}, then the data.
 
-Reading uses pread into buffers the caller owns, not a memory map: nothing is shared
-copy-on-write with the file, inputs cannot be modified, and private memory stays bounded by
-the buffers. Writing is `toolkit.checkpoint.writer`.
+`read` copies (part of) a tensor into memory with pread. `view` maps a chunk instead, zero-copy,
+for the streaming merge: one small copy-on-write map per chunk, unmapped when its tensor is
+freed, so no copy of the data is made, a write lands in private memory and never in the file,
+and what is mapped stays bounded by the chunks in flight. Writing is `toolkit.checkpoint.writer`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -210,11 +212,18 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(i.nbytes for i in self.infos.values())
 
+    def _span(self, name: str, start: int, count: int | None) -> tuple[TensorInfo, int]:
+        """The tensor's info and the element count, checked to lie inside the tensor."""
+        info = self.infos[name]
+        count = info.numel - start if count is None else count
+        if start < 0 or count < 0 or start + count > info.numel:
+            raise ValueError(f"elements [{start}, {start + count}) are outside {name!r}, which has {info.numel}")
+        return info, count
+
     def read(self, name: str, out: Tensor | None = None, start: int = 0, count: int | None = None) -> Tensor:
         """Elements [start, start + count) of tensor `name`, flattened, read into `out` (a 1-D
         buffer of the tensor's dtype with >= count elements) or into a new tensor."""
-        info = self.infos[name]
-        count = info.numel - start if count is None else count
+        info, count = self._span(name, start, count)
         if out is None:
             out = torch.empty(count, dtype=info.dtype)
         elif out.dtype != info.dtype or out.dim() != 1 or out.numel() < count or not out.is_contiguous():
@@ -232,6 +241,28 @@ class Checkpoint:
                                  "while the merge ran?)")
             pos += got
         return out
+
+    def view(self, name: str, start: int = 0, count: int | None = None) -> Tensor:
+        """Elements [start, start + count) of tensor `name`, flattened, as a zero-copy tensor over a
+        copy-on-write memory map of the file (writes to it stay private); a copy where the data
+        is not aligned to its dtype."""
+        info, count = self._span(name, start, count)
+        size = info.dtype.itemsize
+        off = info.offset + start * size
+        fd = self._fds.get(info.file)
+        if fd is None:
+            raise MergeError(f"{self.path} was closed before reading {name!r}")
+        if count == 0 or off % size:
+            return self.read(name, None, start, count)
+        if os.fstat(fd).st_size < off + count * size:  # mapping past the end would crash on access
+            raise MergeError(f"{info.file} ended early while reading {name!r} (changed or truncated "
+                             "while the merge ran?)")
+        page = off - off % mmap.ALLOCATIONGRANULARITY
+        try:
+            mm = mmap.mmap(fd, off - page + count * size, access=mmap.ACCESS_COPY, offset=page)
+        except (OSError, ValueError):  # a file system without memory maps: copy instead
+            return self.read(name, None, start, count)
+        return torch.frombuffer(mm, dtype=info.dtype, count=count, offset=off - page)
 
     def tensor(self, name: str) -> Tensor:
         """One whole tensor, in fresh memory, with its shape."""
