@@ -3,13 +3,15 @@
 Makes T+1 random Llama-style fp32 checkpoints (sharded safetensors + config.json) and T Fisher
 files in --workdir, warms the page cache, then times, each as its own process:
   floor      cat of every input shard > /dev/null, then dd of as many bytes as the output has
+             (and again with the Fisher files, gradient matching's floor)
   toolkit TA our task arithmetic theta_0 + sum_t alpha_t tau_t
   mergekit   mergekit-yaml with task_arithmetic (skipped with a message if not found)
   toolkit GM our gradient matching (also reads the T Fisher files)
-and the interpreter's startup (python -c "import toolkit.stream", which every run of ours pays),
-and prints wall time (fastest of --repeat runs), peak private memory (Private_* of /proc/PID/smaps_rollup,
+and the interpreter's startup (python -c "import toolkit.stream", which every run of ours pays;
+mostly importing torch), and prints wall time (fastest of --repeat runs), peak private memory (Private_* of /proc/PID/smaps_rollup,
 sampled every 20 ms), peak anonymous private memory (Private_Dirty: the heap; Private_Clean also
-counts page-cache pages of memory-mapped input files) and peak RSS, with ratios. Outputs are checked
+counts page-cache pages of memory-mapped input files) and peak RSS, with ratios, and the merge's
+own time as its summary line reports it (the process less its startup). Outputs are checked
 against base + sum alpha_t tau_t computed in float64 (max |err| / max |ref| over tensors).
 
     python benchmarks/bench_merge.py --params 551M --models 4 --shards 3
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -163,6 +166,8 @@ def main() -> None:
         floor = f"cat {' '.join(inputs)} > /dev/null && dd if=/dev/zero of={work}/floor.bin bs=16M " \
                 f"count={out_bytes // 2**24 + 1} status=none"
         rows["read+write floor (cat+dd)"] = measure(floor, shell=True, repeat=args.repeat)
+        gm_floor = floor.replace(f"cat {' '.join(inputs)}", f"cat {' '.join(all_inputs)}")
+        rows["floor with the Fisher files"] = measure(gm_floor, shell=True, repeat=args.repeat)
         os.remove(work / "floor.bin")
         rows["startup (import toolkit.stream)"] = measure([sys.executable, "-c", "import toolkit.stream"],
                                                           repeat=args.repeat)
@@ -217,6 +222,15 @@ def main() -> None:
                   f"gradient matching <= 1.5x ours: {gm[what] / ta[what]:.2f}; without the {st[what]:.2f} s startup: "
                   f"ours {(ta[what] - st[what]) / fl[what]:.2f}x floor, gradient matching "
                   f"{(gm[what] - st[what]) / (ta[what] - st[what]):.2f}x ours")
+        own = {k: min(float(re.search(r" in ([0-9.]+) s ", o).group(1)) for o in rows[k]["stdouts"])
+               for k in ("toolkit task_arithmetic", "toolkit gradient_matching")}
+        print(f"\nthe merge's own time (its summary line, fastest run): task arithmetic "
+              f"{own['toolkit task_arithmetic']:.2f} s = {own['toolkit task_arithmetic'] / fl['wall']:.2f}x floor; "
+              f"gradient matching {own['toolkit gradient_matching']:.2f} s = "
+              f"{own['toolkit gradient_matching'] / own['toolkit task_arithmetic']:.2f}x task arithmetic, "
+              f"{own['toolkit gradient_matching'] / rows['floor with the Fisher files']['wall']:.2f}x its own floor "
+              f"(which is {rows['floor with the Fisher files']['wall'] / fl['wall']:.2f}x task arithmetic's: it also "
+              f"reads {args.models} Fisher files)")
         print(f"private < 1 GiB: {ta['private'] / GiB:.2f}")
         if not args.no_check:
             err, err_mk = max_rel_err(work / "out_ta", base, models, alphas, mk_out)

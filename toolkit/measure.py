@@ -36,8 +36,10 @@ def measure(cmd: Sequence[str] | str, *, shell: bool = False, env: Mapping[str, 
     """Run `cmd` `repeat` times (removing `clean` before each run), sampling its memory every
     `interval` s: the fastest run's wall time ("wall", s), the least CPU time ("cpu", s: user + sys
     of it and its children; steadier than wall time on a loaded machine), the largest peaks over
-    all runs ("private", "dirty", "rss", bytes) and the last run's stdout. RuntimeError if it fails."""
+    all runs ("private", "dirty", "rss", bytes), the last run's stdout and every run's ("stdouts").
+    RuntimeError if it fails."""
     best: dict = {}
+    outs: list[str] = []
     for _ in range(repeat):
         if clean is not None:  # each run writes a fresh output
             shutil.rmtree(clean, ignore_errors=True)
@@ -54,7 +56,8 @@ def measure(cmd: Sequence[str] | str, *, shell: bool = False, env: Mapping[str, 
         cpu = ru.ru_utime + ru.ru_stime - ru0.ru_utime - ru0.ru_stime
         if proc.returncode != 0:
             raise RuntimeError(f"{cmd} failed ({proc.returncode}):\n{err[-3000:]}")
-        best = {"wall": wall, "cpu": cpu, **peak, "stdout": out} if not best else {
-            "wall": min(best["wall"], wall), "cpu": min(best["cpu"], cpu), "stdout": out,
+        outs.append(out)
+        best = {"wall": wall, "cpu": cpu, **peak, "stdout": out, "stdouts": outs} if not best else {
+            "wall": min(best["wall"], wall), "cpu": min(best["cpu"], cpu), "stdout": out, "stdouts": outs,
             **{k: max(best[k], peak[k]) for k in peak}}
     return best
