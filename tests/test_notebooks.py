@@ -81,15 +81,21 @@ def test_opens_with_scale_cell(path):
 
 
 _MATH_OR_CODE = re.compile(r"```.*?```|\$\$.*?\$\$|\$[^$]*\$|\{[a-z:-]+\}`[^`]*`|`[^`]*`", re.S)
+_LICENCE = re.compile(r"\bCC[ -]BY[\w-]*\s+\d+\.\d+")  # "CC BY-SA 3.0" names a licence, not a result
 
 
-@pytest.mark.parametrize("path", THEORY, ids=lambda p: p.name)
+def prose_of(path: Path) -> list[str]:
+    """A page's text outside math, code and glue roles: every markdown cell, or the whole .md page."""
+    texts = ([c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "markdown"]
+             if path.suffix == ".ipynb" else [path.read_text()])
+    return [_LICENCE.sub(" ", _MATH_OR_CODE.sub(" ", t)) for t in texts]
+
+
+@pytest.mark.parametrize("path", MASTERS + sorted((ROOT / "book").glob("*.md")), ids=lambda p: p.name)
 def test_no_typed_results_in_prose(path):
     """Computed numbers are glued, never typed: prose outside math/code has no decimal numbers."""
-    for c in nbformat.read(path, as_version=4).cells:
-        if c.cell_type == "markdown":
-            prose = _MATH_OR_CODE.sub(" ", c.source)
-            assert not re.search(r"(?<![\w.])\d+\.\d+", prose), f"{path.name}: typed number in {prose[:200]!r}"
+    for prose in prose_of(path):
+        assert not re.search(r"(?<![\w.])\d+\.\d+", prose), f"{path.name}: typed number in {prose[:200]!r}"
 
 
 @pytest.mark.parametrize("path", MASTERS, ids=lambda p: p.name)
