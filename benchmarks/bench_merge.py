@@ -8,10 +8,11 @@ files in --workdir, warms the page cache, then times, each as its own process:
   mergekit   mergekit-yaml with task_arithmetic (skipped with a message if not found)
   toolkit GM our gradient matching (also reads the T Fisher files)
 and the interpreter's startup (python -c "import toolkit.stream", which every run of ours pays;
-mostly importing torch), and prints wall time (fastest of --repeat runs), peak private memory (Private_* of /proc/PID/smaps_rollup,
-sampled every 20 ms), peak anonymous private memory (Private_Dirty: the heap; Private_Clean also
-counts page-cache pages of memory-mapped input files) and peak RSS, with ratios, and the merge's
-own time as its summary line reports it (the process less its startup). Outputs are checked
+mostly importing torch), and prints wall time (fastest of --repeat runs, unsampled), peak private
+memory (Private_* of /proc/PID/smaps_rollup, sampled every 20 ms in one more run), peak anonymous
+private memory (Private_Dirty: the heap; Private_Clean also counts page-cache pages of mapped input
+chunks) and peak RSS, with ratios, and the merge's own time as its summary line reports it (the
+process less its startup). Outputs are checked
 against base + sum alpha_t tau_t computed in float64 (max |err| / max |ref| over tensors).
 
     python benchmarks/bench_merge.py --params 551M --models 4 --shards 3
@@ -103,6 +104,13 @@ def make_inputs(work: Path, params: int, n_models: int, n_shards: int) -> tuple[
     return dirs, fishers
 
 
+def timed(cmd, repeat: int, **kw) -> dict:
+    """Times from `repeat` unsampled runs, peak memory from one more run sampled every 20 ms
+    (sampling holds the memory-map lock our merge takes for every chunk, and would slow it)."""
+    t = measure(cmd, repeat=repeat, interval=None, **kw)
+    return {**measure(cmd, repeat=1, **kw), **{k: t[k] for k in ("wall", "cpu", "stdout", "stdouts")}}
+
+
 def shard_files(d: Path) -> list[str]:
     return sorted(str(p) for p in d.glob("*.safetensors"))
 
@@ -165,11 +173,11 @@ def main() -> None:
 
         floor = f"cat {' '.join(inputs)} > /dev/null && dd if=/dev/zero of={work}/floor.bin bs=16M " \
                 f"count={out_bytes // 2**24 + 1} status=none"
-        rows["read+write floor (cat+dd)"] = measure(floor, shell=True, repeat=args.repeat)
+        rows["read+write floor (cat+dd)"] = timed(floor, shell=True, repeat=args.repeat)
         gm_floor = floor.replace(f"cat {' '.join(inputs)}", f"cat {' '.join(all_inputs)}")
-        rows["floor with the Fisher files"] = measure(gm_floor, shell=True, repeat=args.repeat)
+        rows["floor with the Fisher files"] = timed(gm_floor, shell=True, repeat=args.repeat)
         os.remove(work / "floor.bin")
-        rows["startup (import toolkit.stream)"] = measure([sys.executable, "-c", "import toolkit.stream"],
+        rows["startup (import toolkit.stream)"] = timed([sys.executable, "-c", "import toolkit.stream"],
                                                           repeat=args.repeat)
 
         def toolkit_run(method: str, out: str) -> dict:
@@ -180,7 +188,7 @@ def main() -> None:
                     e["fisher"] = str(f)
                 cfg["delta"] = 1e-3
             (work / f"{out}.yaml").write_text(json.dumps(cfg))
-            r = measure([sys.executable, "-m", "toolkit", "merge", str(work / f"{out}.yaml"), "--quiet",
+            r = timed([sys.executable, "-m", "toolkit", "merge", str(work / f"{out}.yaml"), "--quiet",
                          "--threads", str(args.threads)], repeat=args.repeat, clean=work / out)
             print(f"  {r['stdout'].strip()}", flush=True)
             return r
@@ -192,7 +200,7 @@ def main() -> None:
                       "models": [{"model": str(m), "parameters": {"weight": a}} for m, a in zip(models, alphas)]}
             (work / "mk.yaml").write_text(json.dumps(mk_cfg))
             mk_out = work / "out_mk"
-            rows["mergekit task_arithmetic"] = measure([args.mergekit, str(work / "mk.yaml"), str(mk_out),
+            rows["mergekit task_arithmetic"] = timed([args.mergekit, str(work / "mk.yaml"), str(mk_out),
                                                         "--out-shard-size", str(parse_size(args.shard_size))],
                                                        env={"OMP_NUM_THREADS": str(args.threads)},
                                                        repeat=args.repeat, clean=mk_out)

@@ -32,12 +32,14 @@ def _peaks(proc: subprocess.Popen, interval: float) -> dict[str, int]:
 
 
 def measure(cmd: Sequence[str] | str, *, shell: bool = False, env: Mapping[str, str] | None = None,
-            repeat: int = 1, clean: Path | None = None, interval: float = 0.02) -> dict:
+            repeat: int = 1, clean: Path | None = None, interval: float | None = 0.02) -> dict:
     """Run `cmd` `repeat` times (removing `clean` before each run), sampling its memory every
     `interval` s: the fastest run's wall time ("wall", s), the least CPU time ("cpu", s: user + sys
     of it and its children; steadier than wall time on a loaded machine), the largest peaks over
     all runs ("private", "dirty", "rss", bytes), the last run's stdout and every run's ("stdouts").
-    RuntimeError if it fails."""
+    interval=None: no sampling and no peaks. Sampling reads smaps_rollup, which holds the process's
+    memory-map lock, so it slows a command that maps and unmaps memory (the streaming merge); time
+    such a command unsampled. RuntimeError if it fails."""
     best: dict = {}
     outs: list[str] = []
     for _ in range(repeat):
@@ -47,10 +49,13 @@ def measure(cmd: Sequence[str] | str, *, shell: bool = False, env: Mapping[str, 
         proc = subprocess.Popen(cmd, shell=shell, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env={**os.environ, **(env or {})})
         peak: dict[str, int] = {}
-        th = threading.Thread(target=lambda: peak.update(_peaks(proc, interval)), daemon=True)
-        th.start()
+        th = None if interval is None else threading.Thread(
+            target=lambda: peak.update(_peaks(proc, interval)), daemon=True)
+        if th is not None:
+            th.start()
         out, err = proc.communicate()
-        th.join()
+        if th is not None:
+            th.join()
         wall = time.perf_counter() - t0
         ru = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = ru.ru_utime + ru.ru_stime - ru0.ru_utime - ru0.ru_stime
