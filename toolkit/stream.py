@@ -4,10 +4,10 @@ Every output tensor is `toolkit.merge.merge_tensor(method, name, base, thetas, a
 sizes, base_fisher, **options)`, the same code path as in-memory merges. Element-wise methods
 (the registry's `elementwise` flag: averaging, task arithmetic, Fisher averaging, gradient
 matching) are applied to chunks of `chunk` elements that worker threads map from the files
-without copying them (`Checkpoint.view`) and merge in parallel (reusing their scratch buffers,
-`merge.reuse_scratch`) while the main thread appends the results to the output, so memory stays
-bounded whatever the model size; methods that need a whole tensor (TIES, DARE, new ones) get one
-tensor at a time.
+without copying them (`Checkpoint.view`) and merge in parallel, BLOCK elements per call so that
+a call's working set stays in the CPU cache (reusing their scratch buffers, `merge.reuse_scratch`),
+while the main thread appends the results to the output, so memory stays bounded whatever the model
+size; methods that need a whole tensor (TIES, DARE, new ones) get one tensor at a time.
 
 Config (YAML; relative paths are relative to the config file):
 
@@ -66,6 +66,7 @@ CONFIG_KEYS = {"base", "models", "method", "options", "delta", "base_fisher", "b
                "shard_size", "output", "overwrite"}
 MODEL_KEYS = {"path", "alpha", "fisher", "size", "stats"}
 PathLike = str | os.PathLike
+BLOCK = 1 << 17  # elements per call of an element-wise method (its ~13 buffers of them fit the cache)
 
 
 @dataclass
@@ -164,7 +165,7 @@ def merge_checkpoints(base: PathLike, models: Sequence[PathLike], output: PathLi
                       fishers: Sequence[PathLike] | None = None, sizes: Sequence[float | None] | None = None,
                       base_fisher: PathLike | None = None, options: Mapping[str, Any] | None = None,
                       dtype: str | torch.dtype | None = None, shard_size: int | str = "5GB",
-                      overwrite: bool = False, progress: bool = True, chunk: int = 1 << 18,
+                      overwrite: bool = False, progress: bool = True, chunk: int = 1 << 20,
                       check_hash: bool = True, threads: int | None = None,
                       stats: Mapping[str, Sequence[PathLike]] | None = None) -> Summary:
     """Merge checkpoints on disk tensor by tensor into a new sharded safetensors directory.
@@ -310,7 +311,18 @@ class _Ctx:
             base, thetas = base.to(cd), [t.to(cd) for t in thetas]
         st = {k: [self._stat(ck, name, start, n) for ck in cks]
               for k, cks in self.stats.items()}
-        return self.merge(name, base, thetas, fishers, bf, st), nread
+        if n is None or n <= BLOCK:
+            return self.merge(name, base, thetas, fishers, bf, st), nread
+        out = None
+        for b in range(0, n, BLOCK):  # element-wise: block b of the output reads block b of each input
+            cut = slice(b, b + BLOCK)
+            part = self.merge(name, base[cut], [t[cut] for t in thetas], fishers and [f[cut] for f in fishers],
+                              None if bf is None else bf[cut],
+                              {k: [None if v is None else v[cut] for v in vs] for k, vs in st.items()})
+            if out is None:
+                out = torch.empty(n, dtype=part.dtype)
+            out[cut] = part
+        return out, nread
 
 
 def _open_stats(m, open_, stats: Mapping[str, Sequence[PathLike]] | None, n: int) -> dict[str, list[Checkpoint]]:
