@@ -44,7 +44,7 @@ def sha256(path: Path) -> str:
 
 
 def data_dir(root: str | Path | None = None) -> Path:
-    """Where the embedded arrays live: `root`, else $TOOLKIT_DATA_DIR, else the repo's data/vision."""
+    """Where the embedded arrays and models live: `root`, else $TOOLKIT_DATA_DIR, else the repo's data/vision."""
     return Path(root or os.environ.get("TOOLKIT_DATA_DIR") or DATA_DIR)
 
 
@@ -73,7 +73,7 @@ def load_model(name: str, root: str | Path | None = None) -> tuple[dict[str, Ten
     import json
     if name not in EMBEDDED_MODELS:
         raise MergeError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED_MODELS)}")
-    path = Path(root or DATA_DIR) / f"{name}.pt"
+    path = data_dir(root) / f"{name}.pt"
     _checked(path, EMBEDDED_MODELS[name], f"{name}.md")
     blob = torch.load(path, map_location="cpu", weights_only=True)
     return blob["state_dict"], json.loads(blob["recipe"])

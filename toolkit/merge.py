@@ -470,7 +470,7 @@ def merge_at(method: str, base: StateDict, models: Sequence[StateDict], alpha: f
         kw[m.scale_knob], alphas = float(alpha), [1.0] * len(models)
     if m.uses_fisher:
         kw.update(fishers=fishers, sizes=sizes)
-        if base_fisher is not None and "base_fisher" in inspect.signature(m.fn).parameters:
+        if base_fisher is not None and _takes(m.fn, "base_fisher"):
             kw["base_fisher"] = base_fisher
     if stats:
         kw["stats"] = {n: v for n, v in stats.items() if n in m.stats}

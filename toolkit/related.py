@@ -254,8 +254,9 @@ def sweep(s: P.Setup, method: str, base: StateDict, bbs: Sequence[StateDict], sc
             sd = P.merge(s, method, base, bbs, a, fishers=fishers, sizes=sizes, stats=stats, **knobs)
             val = _mean(score(sd, "val"))
             rows.append({"alpha": a, "knobs": knobs, "val": val, "merge_seconds": clock(s) - t})
-            if top is None or (val if val == val else -1.0) > top:  # as `pick`: the first best
-                top, merged = (val if val == val else -1.0), sd  # only the best is evaluated on test
+            rank = val if val == val else -1.0  # as `pick`: NaN counts as -1, the first best wins
+            if top is None or rank > top:
+                top, merged = rank, sd  # only the best is evaluated on test
     df = pd.DataFrame(rows)
     best = pick(df)
     test = score(merged, "test")

@@ -23,7 +23,7 @@ from .errors import MergeError
 _INTERVAL = re.compile(r"\s*(([\[(])\s*(-?inf|[-+0-9.eE]+)\s*,\s*(-?inf|[-+0-9.eE]+)\s*([\])]))\s*(.*)")
 
 
-@functools.lru_cache(maxsize=None)  # parsed once: merge_tensor checks options on every streamed chunk
+@functools.lru_cache(maxsize=None)  # parsed once: in-memory merges check options for every tensor
 def split_range(spec: str) -> tuple[str, str]:
     """A registry range '(0, 1] fraction kept' -> ('(0, 1]', 'fraction kept')."""
     m = _INTERVAL.fullmatch(spec)

@@ -212,26 +212,27 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(i.nbytes for i in self.infos.values())
 
-    def _span(self, name: str, start: int, count: int | None) -> tuple[TensorInfo, int]:
-        """The tensor's info and the element count, checked to lie inside the tensor."""
+    def _span(self, name: str, start: int, count: int | None) -> tuple[TensorInfo, int, int]:
+        """The tensor's info, the element count (checked to lie inside the tensor) and its file's
+        descriptor (checked open)."""
         info = self.infos[name]
         count = info.numel - start if count is None else count
         if start < 0 or count < 0 or start + count > info.numel:
             raise ValueError(f"elements [{start}, {start + count}) are outside {name!r}, which has {info.numel}")
-        return info, count
+        fd = self._fds.get(info.file)
+        if fd is None:
+            raise MergeError(f"{self.path} was closed before reading {name!r}")
+        return info, count, fd
 
     def read(self, name: str, out: Tensor | None = None, start: int = 0, count: int | None = None) -> Tensor:
         """Elements [start, start + count) of tensor `name`, flattened, read into `out` (a 1-D
         buffer of the tensor's dtype with >= count elements) or into a new tensor."""
-        info, count = self._span(name, start, count)
+        info, count, fd = self._span(name, start, count)
         if out is None:
             out = torch.empty(count, dtype=info.dtype)
         elif out.dtype != info.dtype or out.dim() != 1 or out.numel() < count or not out.is_contiguous():
             raise ValueError(f"read: buffer {out.dtype}{tuple(out.shape)} cannot hold {count} {info.dtype}")
         out = out[:count]
-        fd = self._fds.get(info.file)
-        if fd is None:
-            raise MergeError(f"{self.path} was closed before reading {name!r}")
         view = memoryview(out.view(torch.uint8).numpy()) if count else memoryview(b"")
         pos, off = 0, info.offset + start * info.dtype.itemsize
         while pos < len(view):
@@ -246,12 +247,9 @@ class Checkpoint:
         """Elements [start, start + count) of tensor `name`, flattened, as a zero-copy tensor over a
         copy-on-write memory map of the file (writes to it stay private); a copy where the data
         is not aligned to its dtype."""
-        info, count = self._span(name, start, count)
+        info, count, fd = self._span(name, start, count)
         size = info.dtype.itemsize
         off = info.offset + start * size
-        fd = self._fds.get(info.file)
-        if fd is None:
-            raise MergeError(f"{self.path} was closed before reading {name!r}")
         if count == 0 or off % size:
             return self.read(name, None, start, count)
         if os.fstat(fd).st_size < off + count * size:  # mapping past the end would crash on access
