@@ -7,6 +7,9 @@ files in --workdir, warms the page cache, then times, each as its own process:
   toolkit TA our task arithmetic theta_0 + sum_t alpha_t tau_t
   mergekit   mergekit-yaml with task_arithmetic (skipped with a message if not found)
   toolkit GM our gradient matching (also reads the T Fisher files)
+  TA + Fishers  task arithmetic's arithmetic, but reading and checking the T Fisher files as
+             gradient matching does (a method registered for the run): gradient matching's floor
+             within our merge, so its own arithmetic is what lies between the two
 and the interpreter's startup (python -c "import toolkit.stream", which every run of ours pays;
 mostly importing torch), and prints wall time (fastest of --repeat runs, unsampled), peak private
 memory (Private_* of /proc/PID/smaps_rollup, sampled every 20 ms in one more run), peak anonymous
@@ -111,6 +114,20 @@ def timed(cmd, repeat: int, **kw) -> dict:
     return {**measure(cmd, repeat=1, **kw), **{k: t[k] for k in ("wall", "cpu", "stdout", "stdouts")}}
 
 
+# The CLI with one more registered method: task arithmetic that also takes (so reads and checks) Fishers
+TA_READING_FISHERS = """
+import sys
+from toolkit.__main__ import main
+from toolkit.merge import register, task_arithmetic
+
+@register("task_arithmetic_reading_fishers", uses_fisher=True, elementwise=True)
+def ta_reading_fishers(base, thetas, alphas, fishers, sizes):
+    return task_arithmetic(base, thetas, alphas)
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def shard_files(d: Path) -> list[str]:
     return sorted(str(p) for p in d.glob("*.safetensors"))
 
@@ -183,13 +200,15 @@ def main() -> None:
         def toolkit_run(method: str, out: str) -> dict:
             cfg = {"base": str(base), "models": [{"path": str(m), "alpha": a} for m, a in zip(models, alphas)],
                    "method": method, "output": str(work / out), "shard_size": args.shard_size}
-            if method == "gradient_matching":
+            if method != "task_arithmetic":
                 for e, f in zip(cfg["models"], fishers):
                     e["fisher"] = str(f)
+            if method == "gradient_matching":
                 cfg["delta"] = 1e-3
             (work / f"{out}.yaml").write_text(json.dumps(cfg))
-            r = timed([sys.executable, "-m", "toolkit", "merge", str(work / f"{out}.yaml"), "--quiet",
-                         "--threads", str(args.threads)], repeat=args.repeat, clean=work / out)
+            cli = ["-m", "toolkit"] if method in ("task_arithmetic", "gradient_matching") else ["-c", TA_READING_FISHERS]
+            r = timed([sys.executable, *cli, "merge", str(work / f"{out}.yaml"), "--quiet",
+                       "--threads", str(args.threads)], repeat=args.repeat, clean=work / out)
             print(f"  {r['stdout'].strip()}", flush=True)
             return r
 
@@ -207,6 +226,8 @@ def main() -> None:
         else:
             print(f"mergekit not found (--mergekit / $MERGEKIT = {args.mergekit!r}): skipping it. Install it in "
                   "its own venv: python -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install mergekit")
+        shutil.rmtree(work / "out_gm", ignore_errors=True)
+        rows["toolkit TA + Fishers"] = toolkit_run("task_arithmetic_reading_fishers", "out_gm")
         shutil.rmtree(work / "out_gm", ignore_errors=True)
         rows["toolkit gradient_matching"] = toolkit_run("gradient_matching", "out_gm")
         shutil.rmtree(work / "out_gm", ignore_errors=True)
@@ -231,7 +252,7 @@ def main() -> None:
                   f"ours {(ta[what] - st[what]) / fl[what]:.2f}x floor, gradient matching "
                   f"{(gm[what] - st[what]) / (ta[what] - st[what]):.2f}x ours")
         own = {k: min(float(re.search(r" in ([0-9.]+) s ", o).group(1)) for o in rows[k]["stdouts"])
-               for k in ("toolkit task_arithmetic", "toolkit gradient_matching")}
+               for k in ("toolkit task_arithmetic", "toolkit TA + Fishers", "toolkit gradient_matching")}
         print(f"\nthe merge's own time (its summary line, fastest run): task arithmetic "
               f"{own['toolkit task_arithmetic']:.2f} s = {own['toolkit task_arithmetic'] / fl['wall']:.2f}x floor; "
               f"gradient matching {own['toolkit gradient_matching']:.2f} s = "
@@ -239,6 +260,10 @@ def main() -> None:
               f"{own['toolkit gradient_matching'] / rows['floor with the Fisher files']['wall']:.2f}x its own floor "
               f"(which is {rows['floor with the Fisher files']['wall'] / fl['wall']:.2f}x task arithmetic's: it also "
               f"reads {args.models} Fisher files)")
+        print(f"gradient matching's floor in our merge (task arithmetic reading and checking the Fishers): "
+              f"{own['toolkit TA + Fishers']:.2f} s = {own['toolkit TA + Fishers'] / own['toolkit task_arithmetic']:.2f}x "
+              f"task arithmetic; its own arithmetic adds "
+              f"{own['toolkit gradient_matching'] - own['toolkit TA + Fishers']:.2f} s")
         print(f"private < 1 GiB: {ta['private'] / GiB:.2f}")
         if not args.no_check:
             err, err_mk = max_rel_err(work / "out_ta", base, models, alphas, mk_out)
