@@ -246,7 +246,9 @@ class Checkpoint:
     def view(self, name: str, start: int = 0, count: int | None = None) -> Tensor:
         """Elements [start, start + count) of tensor `name`, flattened, as a zero-copy tensor over a
         copy-on-write memory map of the file (writes to it stay private); a copy where the data
-        is not aligned to its dtype."""
+        is not aligned to its dtype. A file cut short before the map is made gives a MergeError; one cut
+        short while the map is in use ends the process with SIGBUS, as for every memory-mapped reader
+        (safetensors' own included): the output is renamed into place only at the end, so none is left."""
         info, count, fd = self._span(name, start, count)
         size = info.dtype.itemsize
         off = info.offset + start * size
