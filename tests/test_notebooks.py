@@ -84,11 +84,15 @@ _MATH_OR_CODE = re.compile(r"```.*?```|\$\$.*?\$\$|\$[^$]*\$|\{[a-z:-]+\}`[^`]*`
 _LICENCE = re.compile(r"\bCC[ -]BY[\w-]*\s+\d+\.\d+")  # "CC BY-SA 3.0" names a licence, not a result
 
 
+def markdown_of(path: Path) -> list[str]:
+    """A page's markdown: every markdown cell, or the whole .md page."""
+    return ([c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "markdown"]
+            if path.suffix == ".ipynb" else [path.read_text()])
+
+
 def prose_of(path: Path) -> list[str]:
     """A page's text outside math, code and glue roles: every markdown cell, or the whole .md page."""
-    texts = ([c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "markdown"]
-             if path.suffix == ".ipynb" else [path.read_text()])
-    return [_LICENCE.sub(" ", _MATH_OR_CODE.sub(" ", t)) for t in texts]
+    return [_LICENCE.sub(" ", _MATH_OR_CODE.sub(" ", t)) for t in markdown_of(path)]
 
 
 @pytest.mark.parametrize("path", MASTERS + sorted((ROOT / "book").glob("*.md")), ids=lambda p: p.name)
@@ -96,6 +100,34 @@ def test_no_typed_results_in_prose(path):
     """Computed numbers are glued, never typed: prose outside math/code has no decimal numbers."""
     for prose in prose_of(path):
         assert not re.search(r"(?<![\w.])\d+\.\d+", prose), f"{path.name}: typed number in {prose[:200]!r}"
+
+
+def display_math_mid_paragraph(text: str) -> list[str]:
+    """Lines that open a $$ block right after a line of text. MyST then reads the $$ as two
+    inline-math dollars: the equation comes out inline between stray "$" signs, and any glue
+    role in the lines that follow is typeset as math instead of being filled in."""
+    bad, inside, prev = [], False, ""
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("$$"):
+            one_line = len(s) > 4 and s.endswith("$$")
+            if not inside and prev and not prev.startswith(("```", ":")):
+                bad.append(f"{prev[-50:]!r} then {s[:50]!r}")
+            inside = inside if one_line else not inside
+        prev = s
+    return bad
+
+
+@pytest.mark.parametrize("path", ALL + sorted((ROOT / "book").glob("*.md")), ids=lambda p: p.name)
+def test_display_math_starts_a_paragraph(path):
+    for text in markdown_of(path):
+        bad = display_math_mid_paragraph(text)
+        assert not bad, f"{path.name}: $$ must follow a blank line, else it renders as stray $ signs: {bad}"
+
+
+def test_display_math_check_can_fail():
+    assert display_math_mid_paragraph("Then\n$$\nx = 1\n$$") and display_math_mid_paragraph("loss\n$$R = 1$$")
+    assert not display_math_mid_paragraph("Then\n\n$$\nx = 1\n$$\nso\n\n$$y$$\n")
 
 
 @pytest.mark.parametrize("path", MASTERS, ids=lambda p: p.name)

@@ -142,7 +142,7 @@ def test_math_is_typeset(pages, page):
     for code in article.select("pre, code, .cell_input"):
         code.decompose()
     text = article.get_text()
-    assert "\\(" not in text and "\\[" not in text and "$$" not in text, f"{page}: raw TeX delimiters in the text"
+    assert "\\(" not in text and "\\[" not in text and "$" not in text, f"{page}: raw TeX delimiters in the text"
     if page in THEORY or page == PAGES[0]:
         assert math and article.select("mjx-container"), f"{page}: expected typeset math"
 
