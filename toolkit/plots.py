@@ -1,4 +1,4 @@
-"""Shared matplotlib/seaborn helpers so every figure of the book looks alike."""
+"""Shared matplotlib/seaborn helpers so every figure of the book looks alike, and its tables."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -72,6 +72,13 @@ def glue_figure(name: str, fig) -> None:
 def legend_outside(ax, **kw) -> None:
     """Legend to the right of the axes, so it never hides a point."""
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, **kw)
+
+
+def table(df, digits: int = 3, **names: str):
+    """A results table as the book shows it: numbers to `digits` decimals, a dash where a value does
+    not apply or cannot be computed (NaN: a knob a method lacks, the spread of a single seed), and
+    columns renamed by `names` (code_name="shown name")."""
+    return df.rename(columns=names).style.format(precision=digits, na_rep="\u2013")
 
 
 def glue_all(values, prefix: str = "") -> None:
