@@ -136,3 +136,40 @@ def test_runs_at_tiny_scale(path):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
     assert sum(len(c.outputs) for c in nb.cells if c.cell_type == "code") > 0
+
+
+def glued(nb) -> dict[str, dict]:
+    """{glue key: its mime bundle} of an executed notebook (myst-nb marks glued outputs; with
+    display=False their mime types carry a prefix)."""
+    out = {}
+    for o in (o for c in nb.cells if c.cell_type == "code" for o in c.outputs):
+        mark = o.get("metadata", {}).get("scrapbook")
+        if mark:
+            prefix = mark.get("mime_prefix", "")
+            out[mark["name"]] = {k.removeprefix(prefix): v for k, v in o.data.items()}
+    return out
+
+
+def plain_text_of_rich_glue(nb) -> list[str]:
+    """Keys pasted with {glue:text} whose value is markdown (an IPython Markdown object): the role
+    pastes text/plain, so the page would read "<IPython.core.display.Markdown object>"."""
+    data = glued(nb)
+    used = {k for c in nb.cells if c.cell_type == "markdown" for k in re.findall(r"\{glue:text\}`([^`:]+)", c.source)}
+    return sorted(k for k in used if k in data and "text/markdown" in data[k])
+
+
+@pytest.mark.parametrize("path", MASTERS, ids=lambda p: p.name)
+def test_glued_markdown_is_pasted_as_markdown(path):
+    bad = plain_text_of_rich_glue(nbformat.read(executed(path), as_version=4))
+    assert not bad, f"{path.name}: use {{glue:md}} for these markdown values, not {{glue:text}}: {bad}"
+
+
+def test_glue_role_check_can_fail():
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("best is {glue:text}`best` and {glue:md}`ok`, {glue:text}`n:.2f`"),
+        nbformat.v4.new_code_cell(outputs=[nbformat.v4.new_output(
+            "display_data", data={"p/text/plain": "<IPython.core.display.Markdown object>", "p/text/markdown": "**a**"},
+            metadata={"scrapbook": {"name": n, "mime_prefix": "p/"}}) for n in ("best", "ok")] + [nbformat.v4.new_output(
+                "display_data", data={"text/plain": "0.5"}, metadata={"scrapbook": {"name": "n"}})])])
+    assert plain_text_of_rich_glue(nb) == ["best"]
+

@@ -14,4 +14,5 @@ def test_table_shows_a_dash_for_missing_values_and_fixed_decimals():
     assert "0.980" in html and "0.986" in html and "0.012" in html  # every float to 3 decimals
     assert "test sd" in html and "test_sd" not in html
     assert ">3<" in html and ">a<" in html  # integers and text untouched
+    assert "white-space: nowrap" in html  # "0.979 ± 0.003" on one line
     assert df["test_sd"].isna().iloc[0]  # the frame itself is not modified

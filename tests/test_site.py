@@ -147,6 +147,17 @@ def test_math_is_typeset(pages, page):
         assert math and article.select("mjx-container"), f"{page}: expected typeset math"
 
 
+@pytest.mark.parametrize("page", PAGES)
+def test_no_python_reprs_in_the_prose(pages, page):
+    """A value pasted with the wrong glue role reads "<IPython.core.display.Markdown object>"."""
+    soup, _ = pages[page]
+    article = soup.find("article")
+    for code in article.select("pre, code, .cell_input, .cell_output"):
+        code.decompose()
+    reprs = re.findall(r"<[\w.]+ object(?: at 0x[0-9a-f]+)?>", article.get_text())
+    assert not reprs, f"{page}: Python reprs in the text: {reprs[:3]}"
+
+
 def _local_target(site: Path, page: str, url: str) -> Path | None:
     parts = urlsplit(url)
     if parts.scheme or url.startswith("//"):
