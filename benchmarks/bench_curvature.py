@@ -109,8 +109,9 @@ def measure(fn, step, repeats: int, warmup: int = 1):
 
 
 def c_backward_passes(model: nn.Module, x: torch.Tensor):
-    """One forward, then the batch's backward for each of the C one-hot output gradients; the faster
-    of batched (vmap over the output gradients) and sequential. Per-example squares not included."""
+    """Two timings of one forward, then the batch's backward for each of the C one-hot output
+    gradients: (batched with vmap over the output gradients, sequential); the report takes the
+    faster. Per-example squares not included."""
     params = [p for p in model.parameters() if p.requires_grad]
 
     def batched():

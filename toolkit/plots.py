@@ -1,11 +1,15 @@
 """Shared matplotlib/seaborn helpers so every figure of the book looks alike, and its tables."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from pandas.io.formats.style import Styler
 
 _PALETTE = sns.color_palette("colorblind", 10)
 # what is not a merge method; methods bring their own label and colour from the registry
@@ -74,7 +78,7 @@ def legend_outside(ax, **kw) -> None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, **kw)
 
 
-def table(df, digits: int = 3, **names: str):
+def table(df: pd.DataFrame, digits: int = 3, **names: str) -> Styler:
     """A results table as the book shows it: numbers to `digits` decimals, a dash where a value does
     not apply or cannot be computed (NaN: a knob a method lacks, the spread of a single seed), and
     columns renamed by `names` (code_name="shown name"); a cell never wraps ("0.979 ± 0.003" stays one
